@@ -1,0 +1,1 @@
+"""The MongoDB work-queue engine both services use (SPEC section 3)."""

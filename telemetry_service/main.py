@@ -1,0 +1,29 @@
+"""The ASGI app: one AsyncMongoClient opened in the lifespan and closed after it."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from shared_contracts.mongo import make_client
+from shared_contracts.settings import load_settings
+from telemetry_service import health
+from telemetry_service.runtime import TelemetryRuntime
+from telemetry_service.settings import TelemetrySettings
+
+
+def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
+    settings = settings or load_settings(TelemetrySettings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = make_client(settings.mongodb_uri, app_name="telemetry_service")
+        app.state.runtime = TelemetryRuntime(settings=settings, client=client)
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="swamp-club telemetry", lifespan=lifespan)
+    app.include_router(health.router)
+    return app

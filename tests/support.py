@@ -1,0 +1,65 @@
+"""Helpers shared by the tests: unique database names, in-process and real HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from swamp_club.embedded_db import free_port
+from swamp_club.servers import make_server, running
+
+
+@dataclass(frozen=True, slots=True)
+class DbNames:
+    """One test's private set of the three databases (tests may run in any order)."""
+
+    telemetry: str
+    app: str
+    bus: str
+
+    @classmethod
+    def unique(cls) -> DbNames:
+        suffix = uuid.uuid4().hex[:10]
+        return cls(telemetry=f"t_{suffix}", app=f"a_{suffix}", bus=f"b_{suffix}")
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.telemetry, self.app, self.bus)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(
+    app: FastAPI, base_url: str = "http://test"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process: lifespan started, requests through httpx's ASGITransport."""
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+            yield client
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app behind a real uvicorn server on a free loopback port."""
+    port = free_port()
+    async with running(make_server(app, host="127.0.0.1", port=port)):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, interval: float = 0.05
+) -> None:
+    """Wait until ``probe`` is true; a condition, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not await probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,94 @@
+"""`swamp-club up` (what `make run` calls) as a real process: starts, serves, stops, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pymongo import MongoClient
+
+from swamp_club.embedded_db import free_port
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("MONGODB_URI")), reason="exercises the embedded database launcher"
+)
+
+
+def start_up(data_dir: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "SWAMP_DATA_DIR": str(data_dir),
+        "TELEMETRY_PORT": str(ports["telemetry"]),
+        "APP_PORT": str(ports["app"]),
+        "EMBEDDED_DB_PORT": str(ports["db"]),
+    }
+    env.pop("MONGODB_URI", None)
+    executable = Path(sys.executable).parent / "swamp-club"
+    return subprocess.Popen(
+        [str(executable), "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready within {timeout}s")
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_up_serves_both_services_and_keeps_its_data(tmp_path: Path) -> None:
+    ports = {"telemetry": free_port(), "app": free_port(), "db": free_port()}
+    process = start_up(tmp_path, ports)
+    try:
+        wait_ready(f"http://127.0.0.1:{ports['telemetry']}/readyz", process)
+        wait_ready(f"http://127.0.0.1:{ports['app']}/readyz", process)
+        with MongoClient(f"mongodb://127.0.0.1:{ports['db']}/") as client:
+            client.persisted.marker.insert_one({"_id": "kept"})
+    finally:
+        output = stop(process)
+    assert f"http://127.0.0.1:{ports['telemetry']}" in output
+    assert "embedded database ready" in output
+
+    process = start_up(tmp_path, ports)  # a second `up` finds its data again
+    try:
+        wait_ready(f"http://127.0.0.1:{ports['app']}/readyz", process)
+        with MongoClient(f"mongodb://127.0.0.1:{ports['db']}/") as client:
+            assert client.persisted.marker.find_one({"_id": "kept"}) == {"_id": "kept"}
+    finally:
+        stop(process)
+
+
+def test_up_reports_a_clear_error_when_the_database_cannot_start(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = start_up(tmp_path, {"telemetry": free_port(), "app": free_port(), "db": port})
+        output, _ = process.communicate(timeout=90)
+    assert process.returncode == 2
+    assert "error:" in output

@@ -1,0 +1,83 @@
+"""docker-compose.yml agrees with the settings, and docker-compose itself accepts it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from swamp_app.settings import AppSettings
+from telemetry_service.settings import TelemetrySettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def aliases(settings: type[BaseSettings]) -> set[str]:
+    return {f.alias or name for name, f in settings.model_fields.items()}
+
+
+@pytest.mark.parametrize(
+    ("service", "settings", "port_variable"),
+    [("telemetry", TelemetrySettings, "TELEMETRY_PORT"), ("app", AppSettings, "APP_PORT")],
+)
+def test_service_matches_its_settings(
+    service: str, settings: type[BaseSettings], port_variable: str
+) -> None:
+    spec = compose()["services"][service]
+    env = spec["environment"]
+    assert set(env) <= aliases(settings), "compose sets a variable the service does not read"
+    default_port = settings.model_fields[
+        next(n for n, f in settings.model_fields.items() if f.alias == port_variable)
+    ].default
+    assert env[port_variable] == str(default_port)
+    assert spec["ports"] == [f"{default_port}:{default_port}"]
+    assert spec["depends_on"]["mongo"]["condition"] == "service_healthy"
+    assert "healthcheck" in spec
+    assert "replicaSet=rs0" in env["MONGODB_URI"]
+
+
+def test_mongo_is_a_replica_set_with_a_healthcheck() -> None:
+    spec = compose()["services"]["mongo"]
+    assert spec["image"].startswith("mongo:8")
+    assert "--replSet" in (ROOT / "deploy" / "mongo-keyfile.sh").read_text()
+    assert "rs.initiate" in " ".join(spec["healthcheck"]["test"])
+
+
+def test_each_service_user_reaches_only_its_database_and_the_bus() -> None:
+    script = (ROOT / "deploy" / "mongo-init.js").read_text()
+    blocks = re.findall(r"createUser\(\{(.*?)\}\);", script, flags=re.S)
+    grants = {
+        re.search(r"user: (env\.\w+)", block).group(1): re.findall(  # type: ignore[union-attr]
+            r'\{ role: "(\w+)", db: ([^}]+?) \}', block
+        )
+        for block in blocks
+    }
+    assert grants == {
+        "env.TELEMETRY_DB_USER": [
+            ("readWrite", 'env.TELEMETRY_DB || "telemetry"'),
+            ("readWrite", "bus"),
+        ],
+        "env.APP_DB_USER": [("readWrite", 'env.APP_DB || "swamp_club"'), ("readWrite", "bus")],
+    }
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_accepts_the_file() -> None:
+    result = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
