@@ -49,17 +49,18 @@ async def asgi_client(
 async def uvicorn_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """The app behind a real uvicorn server on a free loopback port."""
     port = free_port()
-    async with running(make_server(app, host="127.0.0.1", port=port)):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
+    server = make_server(app, host="127.0.0.1", port=port)
+    base_url = f"http://127.0.0.1:{port}"
+    async with running(server), httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        yield client
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[bool]], *, within: float = 20.0, interval: float = 0.05
 ) -> None:
     """Wait until ``probe`` is true; a condition, not a timing assertion."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await probe():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)

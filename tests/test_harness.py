@@ -36,11 +36,14 @@ async def test_transaction_across_two_databases_commits_or_aborts_as_one(
         await left.insert_one({"_id": "committed"}, session=session)
         await right.insert_one({"_id": "committed"}, session=session)
 
-    with pytest.raises(Abort):
+    async def write_both_then_fail() -> None:
         async with mongo_client.start_session() as session, await session.start_transaction():
             await left.insert_one({"_id": "aborted"}, session=session)
             await right.insert_one({"_id": "aborted"}, session=session)
             raise Abort
+
+    with pytest.raises(Abort):
+        await write_both_then_fail()
 
     assert sorted(await left.distinct("_id")) == ["committed", "seed"]
     assert sorted(await right.distinct("_id")) == ["committed", "seed"]
