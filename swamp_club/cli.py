@@ -12,6 +12,7 @@ import typer
 
 from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
+from swamp_club.queue_cli import contracts_cli, queue_cli
 from swamp_club.settings import LauncherSettings
 
 cli = typer.Typer(help="swamp-club: telemetry ingest and user scoring.", no_args_is_help=True)
@@ -19,6 +20,8 @@ telemetry_cli = typer.Typer(help="The telemetry service.", no_args_is_help=True)
 app_cli = typer.Typer(help="The main app.", no_args_is_help=True)
 cli.add_typer(telemetry_cli, name="telemetry")
 cli.add_typer(app_cli, name="app")
+cli.add_typer(queue_cli, name="queue")
+cli.add_typer(contracts_cli, name="contracts")
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shared_contracts.mongo import make_client
+from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from telemetry_service import health
 from telemetry_service.runtime import TelemetryRuntime
@@ -20,6 +21,10 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
         client = make_client(settings.mongodb_uri, app_name="telemetry_service")
         app.state.runtime = TelemetryRuntime(settings=settings, client=client)
         try:
+            await ensure_queue_indexes(
+                client[settings.bus_db],
+                done_retention_seconds=settings.queue_done_retention_seconds,
+            )
             yield
         finally:
             await client.close()

@@ -20,10 +20,6 @@ from telemetry_service.settings import TelemetrySettings
 from tests.support import DbNames
 
 
-def embedded() -> bool:
-    return not os.environ.get("MONGODB_URI")
-
-
 @pytest.fixture(scope="session")
 def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if uri := os.environ.get("MONGODB_URI"):

@@ -1,0 +1,1 @@
+"""Benchmarks: ratios measured in one run and DB commands per unit of work (never timed tests)."""

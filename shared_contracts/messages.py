@@ -1,0 +1,143 @@
+"""The messages on the two queues (SPEC section 3), as pydantic models.
+
+A message is its payload only; the queue engine adds its own fields (status, attempts, ...) to the
+stored document. Every model knows its queue, and may name a ``dedupe_key`` (coalescing: at most
+one pending message per key) and an ``ordering_key`` (handled one at a time in publish order).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
+
+#: Usernames as the app enforces them; repeated here so every consumer validates what enters it.
+USERNAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+Username = Annotated[str, Field(min_length=3, max_length=39, pattern=USERNAME_PATTERN)]
+UserId = Annotated[str, Field(min_length=1, max_length=64)]
+KeyHash = Annotated[
+    str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the API key, hex")
+]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    QUEUE: ClassVar[str]
+    #: Schema versions a consumer of this build can read.
+    SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
+
+    type: str
+    schemaVersion: int = 1
+
+    def dedupe_key(self) -> str | None:
+        return None
+
+    def ordering_key(self) -> str | None:
+        return None
+
+
+# --- telemetry_commands: swamp_app -> telemetry_service ------------------------------------
+
+
+class UsernameChanged(Message):
+    """A user renamed themselves; telemetry re-keys the identity map (I6)."""
+
+    QUEUE: ClassVar[str] = TELEMETRY_COMMANDS
+    type: Literal["username_changed"] = "username_changed"
+    schemaVersion: Literal[1] = 1
+    oldUsername: Username
+    newUsername: Username
+    userId: UserId
+    seq: int = Field(
+        ge=1, description="The user's rename counter: a stale command has a lower seq."
+    )
+
+    def ordering_key(self) -> str:
+        return f"user:{self.userId}"
+
+
+class UserRegistered(Message):
+    QUEUE: ClassVar[str] = TELEMETRY_COMMANDS
+    type: Literal["user_registered"] = "user_registered"
+    schemaVersion: Literal[1] = 1
+    userId: UserId
+    username: Username
+
+    def ordering_key(self) -> str:
+        return f"user:{self.userId}"
+
+
+class ApiKeyIssued(Message):
+    QUEUE: ClassVar[str] = TELEMETRY_COMMANDS
+    type: Literal["api_key_issued"] = "api_key_issued"
+    schemaVersion: Literal[1] = 1
+    userId: UserId
+    keyHash: KeyHash
+
+    def ordering_key(self) -> str:
+        return f"user:{self.userId}"
+
+
+class ApiKeyRevoked(Message):
+    """Carries only the hash (SPEC); its handler must be order-independent of the issue."""
+
+    QUEUE: ClassVar[str] = TELEMETRY_COMMANDS
+    type: Literal["api_key_revoked"] = "api_key_revoked"
+    schemaVersion: Literal[1] = 1
+    keyHash: KeyHash
+
+
+# --- swamp_club_events: telemetry_service -> swamp_app --------------------------------------
+
+RefreshReason = Literal["ingest", "binding", "backfill", "identity_migration"]
+
+
+class ScoreRefresh(Message):
+    """A user's projection changed: re-score from this snapshot (applied only if newer, I9)."""
+
+    QUEUE: ClassVar[str] = SWAMP_CLUB_EVENTS
+    type: Literal["score_refresh"] = "score_refresh"
+    schemaVersion: Literal[1] = 1
+    username: Username
+    reason: RefreshReason
+    projectionVersion: int = Field(ge=1)
+    snapshot: dict[str, Any] = Field(description="The username_metrics document at publish time.")
+
+    def dedupe_key(self) -> str:
+        # One pending refresh per user: a newer projection replaces the waiting snapshot.
+        return f"score_refresh:{self.username}"
+
+    def ordering_key(self) -> str:
+        # One active refresh per user: while it is applied, the next one waits (and keeps
+        # absorbing newer snapshots) instead of being applied in parallel.
+        return f"score_refresh:{self.username}"
+
+
+TelemetryCommand = Annotated[
+    UsernameChanged | UserRegistered | ApiKeyIssued | ApiKeyRevoked, Field(discriminator="type")
+]
+AnyMessage = Annotated[
+    UsernameChanged | UserRegistered | ApiKeyIssued | ApiKeyRevoked | ScoreRefresh,
+    Field(discriminator="type"),
+]
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    model.model_fields["type"].default: model
+    for model in (UsernameChanged, UserRegistered, ApiKeyIssued, ApiKeyRevoked, ScoreRefresh)
+}
+ANY_MESSAGE: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+def types_for_queue(queue: str) -> dict[str, type[Message]]:
+    return {name: model for name, model in MESSAGE_TYPES.items() if queue == model.QUEUE}
+
+
+def json_schemas() -> dict[str, Any]:
+    """The contract for other teams: the JSON Schema of every message, by queue and type."""
+    return {
+        queue: {name: model.model_json_schema() for name, model in types_for_queue(queue).items()}
+        for queue in (TELEMETRY_COMMANDS, SWAMP_CLUB_EVENTS)
+    }

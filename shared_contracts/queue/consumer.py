@@ -1,0 +1,207 @@
+"""The consumer loop: claim, handle, ack, with bounded concurrency (SPEC section 3).
+
+It keeps claiming without sleeping while claims succeed; when the queue is empty it sleeps until a
+change stream reports new work or the poll interval passes. Change-stream errors fall back to
+polling. ``stop()`` is the graceful path: in-flight handlers finish (or, after the grace period,
+their claims are released). Cancelling ``run()`` is a crash: nothing is released, and the leases
+expire so another worker takes the messages over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import PyMongoError
+
+from shared_contracts.messages import Message
+from shared_contracts.queue.documents import PENDING, InvalidMessage, parse_message
+from shared_contracts.queue.engine import Claim, Queue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One claimed message, as a handler sees it."""
+
+    message: Message
+    claim: Claim
+    queue: Queue
+    acked: bool = False
+
+    async def ack(self, *, session: AsyncClientSession) -> None:
+        """Ack inside the handler's own transaction: its effects and the ack commit together.
+        Raises LeaseLost (aborting the transaction) if another worker owns the message now."""
+        await self.queue.ack(self.claim, session=session)
+        self.acked = True
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+#: Wake on what can make a message claimable: an insert, a return to pending, a new availableAt.
+WAKE_PIPELINE: list[dict[str, Any]] = [
+    {
+        "$match": {
+            "$or": [
+                {"operationType": "insert"},
+                {"updateDescription.updatedFields.status": PENDING},
+                {"updateDescription.updatedFields.availableAt": {"$exists": True}},
+            ]
+        }
+    }
+]
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Consumer:
+    def __init__(self, queue: Queue, handler: Handler, *, worker: str | None = None) -> None:
+        self.queue = queue
+        self.handler = handler
+        self.config = queue.config
+        self.worker = worker or worker_id()
+        self.change_stream_active = False
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._release_on_cancel = False
+        self._grace = 10.0
+
+    async def run(self) -> None:
+        background = [asyncio.create_task(self._reap_forever())]
+        if self.config.use_change_streams:
+            background.append(asyncio.create_task(self._watch_forever()))
+        try:
+            await self._claim_forever()
+            await self._drain()
+        finally:
+            for task in (*background, *self._in_flight):
+                task.cancel()
+            await asyncio.gather(*background, *self._in_flight, return_exceptions=True)
+
+    def stop(self, *, grace_seconds: float = 10.0) -> None:
+        """Stop claiming; let in-flight handlers finish within the grace period."""
+        self._grace = grace_seconds
+        self._stopping.set()
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def _claim_forever(self) -> None:
+        slots = asyncio.Semaphore(self.config.concurrency)
+        while not self._stopping.is_set():
+            await slots.acquire()
+            self._wake.clear()  # before the claim: a wake-up during it is not lost
+            claim = await self._try_claim()
+            if claim is None:
+                slots.release()
+                await self._sleep(self.config.poll_interval_seconds)
+                continue
+            task = asyncio.create_task(self._handle(claim))
+            self._in_flight.add(task)
+
+            def finished(task: asyncio.Task[None]) -> None:
+                self._in_flight.discard(task)
+                slots.release()
+
+            task.add_done_callback(finished)
+
+    async def _try_claim(self) -> Claim | None:
+        if self._stopping.is_set():
+            return None
+        try:
+            return await self.queue.claim(worker=self.worker)
+        except PyMongoError as exc:
+            # A malformed document can make the claim itself fail; sweep it aside and go on.
+            log.warning("%s: claim failed (%s); sweeping malformed documents", self.queue.name, exc)
+            with contextlib.suppress(PyMongoError):
+                await self.queue.sweep_malformed()
+            return None
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    async def _handle(self, claim: Claim) -> None:
+        try:
+            message = parse_message(claim.document, self.queue.types)
+        except InvalidMessage as exc:
+            await self.queue.dead_letter(claim, exc)
+            return
+        if claim.attempts > claim.max_attempts:
+            # Claimed again after its leases kept expiring (a handler that crashes the worker).
+            await self.queue.dead_letter(
+                claim, RuntimeError("maxAttempts exceeded: leases expired")
+            )
+            return
+        delivery = Delivery(message=message, claim=claim, queue=self.queue)
+        renewer = asyncio.create_task(self._renew_forever(claim))
+        try:
+            await self.handler(delivery)
+        except asyncio.CancelledError:
+            if self._release_on_cancel:
+                await asyncio.shield(self.queue.release(claim))
+            raise
+        except Exception as exc:
+            await self.queue.fail(claim, exc)
+        else:
+            if delivery.acked:
+                await self.queue.promote_next(claim)  # its transaction has committed now
+            else:
+                await self.queue.ack(claim)
+        finally:
+            renewer.cancel()
+
+    async def _renew_forever(self, claim: Claim) -> None:
+        while True:
+            await asyncio.sleep(self.config.renew_every_seconds)
+            try:
+                if not await self.queue.renew(claim):
+                    return
+            except PyMongoError as exc:
+                log.warning("%s: lease renewal of %s failed: %s", self.queue.name, claim.id, exc)
+
+    async def _drain(self) -> None:
+        if not self._in_flight:
+            return
+        _, pending = await asyncio.wait(set(self._in_flight), timeout=self._grace)
+        if pending:
+            log.warning("%s: releasing %d unfinished claims", self.queue.name, len(pending))
+            self._release_on_cancel = True
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            try:
+                await self.queue.reap()
+            except PyMongoError as exc:
+                log.warning("%s: reaper failed: %s", self.queue.name, exc)
+            await asyncio.sleep(self.config.reap_every_seconds)
+
+    async def _watch_forever(self) -> None:
+        while True:
+            try:
+                async with await self.queue.collection.watch(WAKE_PIPELINE) as stream:
+                    self.change_stream_active = True
+                    self._wake.set()  # anything published before the stream opened
+                    async for _ in stream:
+                        self._wake.set()
+            except PyMongoError as exc:
+                log.warning("%s: change stream unavailable, polling (%s)", self.queue.name, exc)
+            self.change_stream_active = False
+            await asyncio.sleep(self.config.poll_interval_seconds)

@@ -1,0 +1,482 @@
+"""The work queue: how a message moves pending -> active -> done | dead (SPEC section 3).
+
+Every state change after a claim filters on ``{_id, claimToken, status: active}`` and checks
+``modified_count``, so a worker that lost its lease can never ack, fail or renew another
+worker's claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pymongo import InsertOne, ReturnDocument, UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from shared_contracts.messages import Message, types_for_queue
+from shared_contracts.queue import metrics
+from shared_contracts.queue.config import QueueConfig
+from shared_contracts.queue.documents import (
+    ACTIVE,
+    DEAD,
+    DONE,
+    PARKED,
+    PENDING,
+    STATUSES,
+    error_record,
+    new_document,
+    payload_of,
+)
+
+log = logging.getLogger(__name__)
+
+Document = dict[str, Any]
+Clock = Callable[[], datetime]
+DUPLICATE_KEY = 11000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class LeaseLost(Exception):
+    """The claim is no longer ours (expired and taken by another worker): do not commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    id: Any
+    token: str
+    document: Document
+
+    @property
+    def attempts(self) -> int:
+        value = self.document.get("attempts")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def max_attempts(self) -> int:
+        value = self.document.get("maxAttempts")
+        return value if isinstance(value, int) and value > 0 else 1
+
+    @property
+    def ordering_key(self) -> str | None:
+        key = self.document.get("orderingKey")
+        return key if isinstance(key, str) else None
+
+    def owned(self) -> dict[str, Any]:
+        """The filter that matches this claim only while it is still ours."""
+        return {"_id": self.id, "claimToken": self.token, "status": ACTIVE}
+
+
+def backoff_seconds(
+    attempts: int, config: QueueConfig, rng: Callable[[], float] = random.random
+) -> float:
+    """Exponential with equal jitter: the delay never shrinks between attempts, yet spreads."""
+    growth: float = 2.0 ** max(attempts - 1, 0)
+    ceiling = min(config.backoff_max_seconds, config.backoff_base_seconds * growth)
+    return ceiling / 2 + rng() * ceiling / 2
+
+
+#: Queries for documents no claim can ever match, or whose claim would fail, and why.
+MALFORMED: list[tuple[Document, str]] = [
+    ({"status": {"$nin": list(STATUSES)}}, "missing or unknown status"),
+    ({"status": PENDING, "availableAt": {"$not": {"$type": "date"}}}, "availableAt is not a date"),
+    (
+        {"status": PENDING, "attempts": {"$exists": True, "$not": {"$type": "number"}}},
+        "attempts is not a number",
+    ),
+    (
+        {"status": ACTIVE, "leaseUntil": {"$not": {"$type": "date"}}},
+        "active without a leaseUntil date",
+    ),
+]
+
+_CLAIM_RELEASED = {"$set": {"leaseUntil": None, "claimToken": None, "claimedBy": None}}
+
+
+ToPending = Literal["pending", "superseded", "missed"]
+
+
+async def to_pending(
+    collection: AsyncCollection[Document],
+    query: Document,
+    fields: Document,
+    *,
+    now: datetime,
+    inc: Document | None = None,
+) -> ToPending:
+    """The one way a message goes back to pending (retry, release, reap, park, operator retry).
+
+    If a newer message with the same dedupeKey is already pending, the unique partial index
+    refuses the move. That newer message carries the newer payload (coalescing), so this one is
+    superseded: it is finished as done, never lost and never blocking the index.
+    """
+    update: Document = {"$set": {**_CLAIM_RELEASED["$set"], **fields, "status": PENDING}}
+    if inc:
+        update["$inc"] = inc
+    try:
+        result = await collection.update_one(query, update)
+        return "pending" if result.modified_count == 1 else "missed"
+    except DuplicateKeyError:
+        superseded = {
+            **_CLAIM_RELEASED["$set"],
+            "status": DONE,
+            "doneAt": now,
+            "updatedAt": now,
+            "supersededAt": now,
+        }
+        result = await collection.update_one(query, {"$set": superseded})
+        if result.modified_count == 1:
+            metrics.OUTCOMES.labels(collection.name, "superseded").inc()
+            return "superseded"
+        return "missed"
+
+
+class Queue:
+    """One queue collection. Cheap to construct; share one per process and collection."""
+
+    def __init__(
+        self,
+        collection: AsyncCollection[Document],
+        *,
+        config: QueueConfig,
+        types: Mapping[str, type[Message]] | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.collection = collection
+        self.name = collection.name
+        self.config = config
+        self.types = dict(types) if types is not None else types_for_queue(collection.name)
+        self.clock = clock
+
+    # --- publishing ---------------------------------------------------------------------
+
+    async def publish(self, message: Message, *, session: AsyncClientSession | None = None) -> None:
+        """Store a message; inside the caller's transaction when ``session`` is given."""
+        self._check_queue(message)
+        now = self.clock()
+        document = new_document(
+            message, now=now, max_attempts=self.config.max_attempts, order_seq=time.time_ns()
+        )
+        metrics.PUBLISHED.labels(self.name, message.type).inc()
+        if "dedupeKey" in document:
+            await self._publish_coalesced(document, session)
+            return
+        if "orderingKey" in document and await self._has_unfinished(
+            document["orderingKey"], session
+        ):
+            document["availableAt"] = PARKED  # waits until the earlier messages are finished
+        await self.collection.insert_one(document, session=session)
+
+    async def publish_many(
+        self, messages: Iterable[Message], *, session: AsyncClientSession | None = None
+    ) -> None:
+        """One bulk write for many messages (the backfill's publish).
+
+        Ordering keys are enforced at claim time (a message claimed ahead of an earlier one of
+        its key waits again), so the bulk path needs no per-message look-up.
+        """
+        now = self.clock()
+        operations: list[InsertOne[Document] | UpdateOne] = []
+        for message in messages:
+            self._check_queue(message)
+            document = new_document(
+                message, now=now, max_attempts=self.config.max_attempts, order_seq=time.time_ns()
+            )
+            metrics.PUBLISHED.labels(self.name, message.type).inc()
+            if "dedupeKey" in document:
+                operations.append(UpdateOne(*self._coalescing_upsert(document), upsert=True))
+            else:
+                operations.append(InsertOne(document))
+        if not operations:
+            return
+        try:
+            await self.collection.bulk_write(operations, ordered=False, session=session)
+        except BulkWriteError as exc:
+            # A concurrent publisher inserted the pending message first: our upserts now update
+            # it. Upserts are idempotent, so the whole batch can simply go again, once.
+            if session is not None or not _only_duplicate_keys(exc):
+                raise
+            await self.collection.bulk_write(operations, ordered=False)
+
+    def _coalescing_upsert(self, document: Document) -> tuple[Document, Document]:
+        replaceable = {**payload_of(document), "updatedAt": document["updatedAt"]}
+        first_time = {k: v for k, v in document.items() if k not in replaceable and k != "status"}
+        first_time.pop("dedupeKey")
+        return (
+            {"dedupeKey": document["dedupeKey"], "status": PENDING},
+            {"$set": replaceable, "$setOnInsert": first_time},
+        )
+
+    async def _publish_coalesced(
+        self, document: Document, session: AsyncClientSession | None
+    ) -> None:
+        # At most one pending message per key (unique partial index): update it, else insert.
+        # One may be active meanwhile; the new one then waits as the single pending one.
+        query, update = self._coalescing_upsert(document)
+        try:
+            await self.collection.update_one(query, update, upsert=True, session=session)
+        except DuplicateKeyError:
+            if session is not None:
+                raise  # inside a transaction the caller's retry loop owns the retry
+            await self.collection.update_one(query, update, upsert=True)
+
+    def _check_queue(self, message: Message) -> None:
+        if self.name != message.QUEUE and message.type not in self.types:
+            raise ValueError(f"{message.type} belongs on {message.QUEUE}, not {self.name}")
+
+    async def _has_unfinished(self, ordering_key: str, session: AsyncClientSession | None) -> bool:
+        found = await self.collection.find_one(
+            {"orderingKey": ordering_key, "status": {"$in": [PENDING, ACTIVE]}},
+            projection={"_id": 1},
+            session=session,
+        )
+        return found is not None
+
+    # --- claiming -----------------------------------------------------------------------
+
+    async def claim(self, *, worker: str) -> Claim | None:
+        """Lease the next available message, or None. One indexed find_one_and_update."""
+        for _ in range(3):  # a claim parked behind an earlier message is retried at once
+            now = self.clock()
+            token = uuid.uuid4().hex
+            document = await self.collection.find_one_and_update(
+                {"status": PENDING, "availableAt": {"$lte": now}},
+                {
+                    "$set": {
+                        "status": ACTIVE,
+                        "claimToken": token,
+                        "claimedBy": worker,
+                        "leaseUntil": now + timedelta(seconds=self.config.lease_seconds),
+                        "updatedAt": now,
+                    },
+                    "$inc": {"attempts": 1},
+                },
+                sort=[("availableAt", 1)],
+                return_document=ReturnDocument.AFTER,
+            )
+            if document is None:
+                return None
+            claim = Claim(id=document["_id"], token=token, document=document)
+            if claim.ordering_key is None or not await self._behind_earlier(claim):
+                return claim
+            await self._park(claim)
+        return None
+
+    async def _behind_earlier(self, claim: Claim) -> bool:
+        earlier = await self.collection.find_one(
+            {
+                "orderingKey": claim.ordering_key,
+                "status": {"$in": [PENDING, ACTIVE]},
+                "orderSeq": {"$lt": claim.document.get("orderSeq")},
+            },
+            projection={"_id": 1},
+        )
+        return earlier is not None
+
+    async def _park(self, claim: Claim) -> None:
+        """Claimed out of order (a publish race): wait behind the earlier message again."""
+        outcome = await to_pending(
+            self.collection,
+            claim.owned(),
+            {"availableAt": PARKED},
+            now=self.clock(),
+            inc={"attempts": -1},
+        )
+        if outcome == "pending":
+            metrics.OUTCOMES.labels(self.name, "parked").inc()
+        assert claim.ordering_key is not None
+        await self.promote(claim.ordering_key)  # the earlier one may have finished meanwhile
+
+    async def promote(self, ordering_key: str, *, check_blocking: bool = True) -> bool:
+        """Make the next parked message of a key claimable, if nothing else of it is unfinished.
+
+        Right after a message of the key finished, the check can be skipped: if a racing publish
+        left another unparked message of the key, the claim-time check parks the follower again.
+        """
+        blocking = check_blocking and await self.collection.find_one(
+            {
+                "orderingKey": ordering_key,
+                "status": {"$in": [PENDING, ACTIVE]},
+                "availableAt": {"$ne": PARKED},
+            },
+            projection={"_id": 1},
+        )
+        if blocking:
+            return False
+        promoted = await self.collection.find_one_and_update(
+            {"orderingKey": ordering_key, "status": PENDING, "availableAt": PARKED},
+            {"$set": {"availableAt": self.clock(), "updatedAt": self.clock()}},
+            sort=[("orderSeq", 1)],
+            projection={"_id": 1},
+        )
+        return promoted is not None
+
+    # --- finishing a claim --------------------------------------------------------------
+
+    async def ack(self, claim: Claim, *, session: AsyncClientSession | None = None) -> bool:
+        """Mark done. Inside the handler's transaction, a lost lease raises LeaseLost (abort)."""
+        now = self.clock()
+        update = {
+            "$set": {**_CLAIM_RELEASED["$set"], "status": DONE, "doneAt": now, "updatedAt": now}
+        }
+        result = await self.collection.update_one(claim.owned(), update, session=session)
+        if result.modified_count != 1:
+            self._lost_lease(claim, "ack")
+            if session is not None:
+                raise LeaseLost(f"{self.name} {claim.id}: lease lost before commit")
+            return False
+        metrics.OUTCOMES.labels(self.name, DONE).inc()
+        await self._after_finish(claim, session)
+        return True
+
+    async def fail(self, claim: Claim, error: BaseException) -> bool:
+        """Retry later with backoff, or dead after maxAttempts."""
+        now = self.clock()
+        record = error_record(error, now=now, attempt=claim.attempts)
+        if claim.attempts >= claim.max_attempts:
+            return await self.dead_letter(claim, record)
+        delay = backoff_seconds(claim.attempts, self.config)
+        retry_at = now + timedelta(seconds=delay)
+        fields = {"availableAt": retry_at, "updatedAt": now, "lastError": record}
+        outcome = await to_pending(self.collection, claim.owned(), fields, now=now)
+        if outcome == "missed":
+            self._lost_lease(claim, "fail")
+            return False
+        if outcome == "superseded":  # a newer message of its key will be handled instead
+            await self._after_finish(claim, None)
+            return True
+        metrics.OUTCOMES.labels(self.name, "retried").inc()
+        log.warning(
+            "%s message %s failed (attempt %d/%d), retry in %.1fs: %s: %s",
+            self.name, claim.id, claim.attempts, claim.max_attempts, delay,
+            record["type"], record["message"],
+        )  # fmt: skip
+        return True
+
+    async def dead_letter(self, claim: Claim, error: BaseException | Document) -> bool:
+        now = self.clock()
+        record = (
+            error
+            if isinstance(error, dict)
+            else error_record(error, now=now, attempt=claim.attempts)
+        )
+        update = {
+            "$set": {
+                **_CLAIM_RELEASED["$set"],
+                "status": DEAD,
+                "updatedAt": now,
+                "lastError": record,
+            }
+        }
+        result = await self.collection.update_one(claim.owned(), update)
+        if result.modified_count != 1:
+            self._lost_lease(claim, "dead-letter")
+            return False
+        metrics.OUTCOMES.labels(self.name, DEAD).inc()
+        log.error(
+            "%s message %s is dead: %s: %s", self.name, claim.id, record["type"], record["message"]
+        )
+        # A dead message must not block its ordering key forever; the operator can retry it.
+        await self._after_finish(claim, None)
+        return True
+
+    async def release(self, claim: Claim) -> bool:
+        """Give the claim back untouched (graceful shutdown): the attempt does not count."""
+        now = self.clock()
+        outcome = await to_pending(
+            self.collection, claim.owned(), {"availableAt": now}, now=now, inc={"attempts": -1}
+        )
+        if outcome == "pending":
+            metrics.OUTCOMES.labels(self.name, "released").inc()
+        elif outcome == "superseded":
+            await self._after_finish(claim, None)
+        return outcome != "missed"
+
+    async def renew(self, claim: Claim) -> bool:
+        lease_until = self.clock() + timedelta(seconds=self.config.lease_seconds)
+        result = await self.collection.update_one(
+            claim.owned(), {"$set": {"leaseUntil": lease_until}}
+        )
+        if result.modified_count != 1:
+            self._lost_lease(claim, "renew")
+            return False
+        return True
+
+    async def _after_finish(self, claim: Claim, session: AsyncClientSession | None) -> None:
+        # Inside a transaction the finish is not visible yet: the caller promotes after commit.
+        if session is None:
+            await self.promote_next(claim)
+
+    async def promote_next(self, claim: Claim) -> None:
+        """After a message finished for good: let the next one of its ordering key go."""
+        if claim.ordering_key is not None:
+            await self.promote(claim.ordering_key, check_blocking=False)
+
+    def _lost_lease(self, claim: Claim, action: str) -> None:
+        metrics.OUTCOMES.labels(self.name, "lost_lease").inc()
+        log.warning("%s message %s: lease lost, %s rejected", self.name, claim.id, action)
+
+    # --- housekeeping -------------------------------------------------------------------
+
+    async def reap(self) -> int:
+        """Return expired claims to pending; dead-letter malformed documents; unblock keys."""
+        now = self.clock()
+        expired = {"status": ACTIVE, "leaseUntil": {"$lt": now}}
+        fields = {"availableAt": now, "updatedAt": now}
+        # Messages without a dedupeKey cannot collide on the way back: one update for all.
+        result = await self.collection.update_many(
+            {**expired, "dedupeKey": {"$exists": False}},
+            {"$set": {**_CLAIM_RELEASED["$set"], **fields, "status": PENDING}},
+        )
+        reaped = result.modified_count
+        async for document in self.collection.find(
+            {**expired, "dedupeKey": {"$exists": True}}, projection={"_id": 1}
+        ):
+            query = {**expired, "_id": document["_id"]}
+            reaped += await to_pending(self.collection, query, fields, now=now) != "missed"
+        if reaped:
+            metrics.REAPED.labels(self.name).inc(reaped)
+            log.warning("%s: %d expired claims returned to pending", self.name, reaped)
+        await self.sweep_malformed()
+        for key in await self.collection.distinct(
+            "orderingKey", {"status": PENDING, "availableAt": PARKED}
+        ):
+            if isinstance(key, str):
+                await self.promote(key)
+        return reaped
+
+    async def sweep_malformed(self) -> int:
+        """Documents no claim can ever match (or whose claim would fail) go to dead, not limbo."""
+        now = self.clock()
+        swept = 0
+        for query, reason in MALFORMED:
+            record = {
+                "type": "MalformedDocument",
+                "message": reason,
+                "traceback": "",
+                "at": now,
+                "attempt": None,
+            }
+            result = await self.collection.update_many(
+                query, {"$set": {"status": DEAD, "updatedAt": now, "lastError": record}}
+            )
+            swept += result.modified_count
+        if swept:
+            metrics.OUTCOMES.labels(self.name, DEAD).inc(swept)
+            log.error("%s: %d malformed documents moved to dead", self.name, swept)
+        return swept
+
+
+def _only_duplicate_keys(exc: BulkWriteError) -> bool:
+    errors = exc.details.get("writeErrors", [])
+    return bool(errors) and all(e.get("code") == DUPLICATE_KEY for e in errors)

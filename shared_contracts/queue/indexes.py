@@ -1,0 +1,62 @@
+"""Every index the two queues need; idempotent, run by both services at start-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared_contracts.names import QUEUE_COLLECTIONS
+from shared_contracts.queue.documents import PENDING
+
+TTL_INDEX = "done_ttl"
+
+
+def queue_indexes(done_retention_seconds: int) -> list[IndexModel]:
+    return [
+        # The claim: equality on status, then the sort/range field availableAt.
+        IndexModel([("status", ASCENDING), ("availableAt", ASCENDING)], name="claim"),
+        # Coalescing: at most one pending message per dedupeKey.
+        IndexModel(
+            [("dedupeKey", ASCENDING)],
+            name="one_pending_per_dedupe_key",
+            unique=True,
+            partialFilterExpression={"status": PENDING, "dedupeKey": {"$exists": True}},
+        ),
+        # Ordering keys: the earlier-message check and the promotion of the next in line.
+        IndexModel(
+            [("orderingKey", ASCENDING), ("orderSeq", ASCENDING)],
+            name="ordering",
+            partialFilterExpression={"orderingKey": {"$exists": True}},
+        ),
+        IndexModel([("status", ASCENDING), ("leaseUntil", ASCENDING)], name="reap"),
+        IndexModel([("status", ASCENDING), ("type", ASCENDING)], name="status_type"),
+        # doneAt is set only on completion, so only done messages expire.
+        IndexModel(
+            [("doneAt", ASCENDING)], name=TTL_INDEX, expireAfterSeconds=done_retention_seconds
+        ),
+    ]
+
+
+async def ensure_queue_indexes(
+    bus: AsyncDatabase[dict[str, Any]], *, done_retention_seconds: int
+) -> None:
+    for name in QUEUE_COLLECTIONS:
+        collection = bus[name]
+        await _sync_ttl(collection, done_retention_seconds)
+        await collection.create_indexes(queue_indexes(done_retention_seconds))
+
+
+async def _sync_ttl(collection: AsyncCollection[dict[str, Any]], seconds: int) -> None:
+    """A changed retention setting updates the existing TTL index instead of conflicting."""
+    existing = await collection.index_information()
+    current = existing.get(TTL_INDEX, {}).get("expireAfterSeconds")
+    if current is not None and current != seconds:
+        await collection.database.command(
+            {
+                "collMod": collection.name,
+                "index": {"name": TTL_INDEX, "expireAfterSeconds": seconds},
+            }
+        )
