@@ -26,13 +26,15 @@ class CommandCounter(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        self.micros: collections.Counter[str] = collections.Counter()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name not in self.IGNORED:
             self.counts[event.command_name] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        if event.command_name not in self.IGNORED:
+            self.micros[event.command_name] += event.duration_micros
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
@@ -46,6 +48,12 @@ class CommandCounter(monitoring.CommandListener):
 
     def reset(self) -> None:
         self.counts.clear()
+        self.micros.clear()
+
+    def time_shares(self) -> dict[str, float]:
+        """Share of the round-trip time spent in each command: where the work goes."""
+        total = sum(self.micros.values()) or 1
+        return {name: round(us / total, 3) for name, us in self.micros.most_common()}
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
 from swamp_club.queue_cli import contracts_cli, queue_cli
 from swamp_club.settings import LauncherSettings
+from swamp_club.telemetry_cli import telemetry_cli
 
 cli = typer.Typer(help="swamp-club: telemetry ingest and user scoring.", no_args_is_help=True)
-telemetry_cli = typer.Typer(help="The telemetry service.", no_args_is_help=True)
 app_cli = typer.Typer(help="The main app.", no_args_is_help=True)
 cli.add_typer(telemetry_cli, name="telemetry")
 cli.add_typer(app_cli, name="app")
@@ -83,39 +83,19 @@ def up() -> None:
     typer.echo("stopped.")
 
 
-def _serve(kind: str) -> None:
-    from swamp_club.servers import make_server, serve_until_signalled
-
-    try:
-        if kind == "telemetry":
-            from telemetry_service.main import create_app as create_telemetry_app
-            from telemetry_service.settings import TelemetrySettings
-
-            t = load_settings(TelemetrySettings)
-            server = make_server(
-                create_telemetry_app(t), host=t.host, port=t.port, log_level="info"
-            )
-        else:
-            from swamp_app.main import create_app as create_main_app
-            from swamp_app.settings import AppSettings
-
-            a = load_settings(AppSettings)
-            server = make_server(create_main_app(a), host=a.host, port=a.port, log_level="info")
-    except SettingsError as exc:
-        raise fail(str(exc)) from None
-    asyncio.run(serve_until_signalled([server]))
-
-
-@telemetry_cli.command("serve")
-def telemetry_serve() -> None:
-    """Serve the telemetry API (MONGODB_URI must point at a running database)."""
-    _serve("telemetry")
-
-
 @app_cli.command("serve")
 def app_serve() -> None:
     """Serve the main app's API (MONGODB_URI must point at a running database)."""
-    _serve("app")
+    from swamp_app.main import create_app as create_main_app
+    from swamp_app.settings import AppSettings
+    from swamp_club.servers import make_server, serve_until_signalled
+
+    try:
+        a = load_settings(AppSettings)
+    except SettingsError as exc:
+        raise fail(str(exc)) from None
+    server = make_server(create_main_app(a), host=a.host, port=a.port, log_level="info")
+    asyncio.run(serve_until_signalled([server]))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The ASGI app: one AsyncMongoClient opened in the lifespan and closed after it."""
+"""The telemetry ASGI app: one AsyncMongoClient opened in the lifespan and closed after it."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,8 +9,27 @@ from shared_contracts.mongo import make_client
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from telemetry_service import health
+from telemetry_service.collections import ensure_indexes
+from telemetry_service.errors import install_error_handlers
+from telemetry_service.ingest.router import router as ingest_router
 from telemetry_service.runtime import TelemetryRuntime
 from telemetry_service.settings import TelemetrySettings
+from telemetry_service.stats.router import router as stats_router
+from telemetry_service.workers import TelemetryWorkers
+
+
+async def open_runtime(settings: TelemetrySettings) -> TelemetryRuntime:
+    client = make_client(settings.mongodb_uri, app_name="telemetry_service")
+    runtime = TelemetryRuntime(settings=settings, client=client)
+    try:
+        await ensure_indexes(runtime.db)
+        await ensure_queue_indexes(
+            runtime.bus, done_retention_seconds=settings.queue_done_retention_seconds
+        )
+    except BaseException:
+        await client.close()
+        raise
+    return runtime
 
 
 def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
@@ -18,17 +37,22 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = make_client(settings.mongodb_uri, app_name="telemetry_service")
-        app.state.runtime = TelemetryRuntime(settings=settings, client=client)
+        runtime = await open_runtime(settings)
+        app.state.runtime = runtime
+        workers = TelemetryWorkers(runtime) if settings.run_workers else None
+        app.state.workers = workers
+        if workers:
+            workers.start()
         try:
-            await ensure_queue_indexes(
-                client[settings.bus_db],
-                done_retention_seconds=settings.queue_done_retention_seconds,
-            )
             yield
         finally:
-            await client.close()
+            if workers:
+                await workers.stop()
+            await runtime.client.close()
 
     app = FastAPI(title="swamp-club telemetry", lifespan=lifespan)
+    install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(ingest_router)
+    app.include_router(stats_router)
     return app

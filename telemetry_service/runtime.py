@@ -1,11 +1,15 @@
-"""What the telemetry service holds while it runs: settings, the client, its databases."""
+"""What the telemetry service holds while it runs: settings, the client, databases, queues."""
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
+from shared_contracts.queue.engine import Queue
 from telemetry_service.settings import TelemetrySettings
 
 
@@ -13,6 +17,19 @@ from telemetry_service.settings import TelemetrySettings
 class TelemetryRuntime:
     settings: TelemetrySettings
     client: AsyncMongoClient[dict[str, Any]]
+    #: Outgoing: score refreshes for the app.
+    refreshes: Queue = field(init=False)
+    #: Incoming: the app's commands.
+    commands: Queue = field(init=False)
+
+    def __post_init__(self) -> None:
+        bus = self.client[self.settings.bus_db]
+        config = self.settings.queue_config()
+        object.__setattr__(self, "refreshes", Queue(bus[SWAMP_CLUB_EVENTS], config=config))
+        commands_config = self.settings.queue_config(
+            poll_interval_seconds=self.settings.command_poll_interval_seconds
+        )
+        object.__setattr__(self, "commands", Queue(bus[TELEMETRY_COMMANDS], config=commands_config))
 
     @property
     def db(self) -> AsyncDatabase[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Telemetry service settings: the bus settings plus its own database and port."""
+"""Telemetry service settings: the bus settings plus its own database, port and workers."""
 
 from pydantic import Field
 
@@ -12,3 +12,20 @@ class TelemetrySettings(BusSettings):
     host: str = Field(default="127.0.0.1", alias="TELEMETRY_HOST")
     # 8080 is the swamp CLI's local default endpoint.
     port: int = Field(default=8080, alias="TELEMETRY_PORT", ge=1, le=65535)
+
+    max_body_bytes: int = Field(default=1024 * 1024, alias="INGEST_MAX_BODY_BYTES", ge=1024)
+    max_events_per_request: int = Field(default=1000, alias="INGEST_MAX_EVENTS", ge=1)
+    ingest_batch_size: int = Field(default=500, alias="INGEST_BATCH_SIZE", ge=1, le=10_000)
+    ingest_lease_seconds: float = Field(default=60.0, alias="INGEST_LEASE_SECONDS", gt=0)
+    ingest_poll_interval_seconds: float = Field(
+        default=1.0, alias="INGEST_POLL_INTERVAL_SECONDS", gt=0
+    )
+    # Commands are a few a day: poll rarely, the change stream wakes the consumer at once.
+    command_poll_interval_seconds: float = Field(
+        default=30.0, alias="COMMAND_POLL_INTERVAL_SECONDS", gt=0
+    )
+    run_workers: bool = Field(
+        default=True,
+        alias="TELEMETRY_RUN_WORKERS",
+        description="Run the ingest watcher and command consumer inside the API process.",
+    )

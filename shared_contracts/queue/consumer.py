@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 from shared_contracts.messages import Message
 from shared_contracts.queue.documents import PENDING, InvalidMessage, parse_message
 from shared_contracts.queue.engine import Claim, Queue
+from shared_contracts.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,22 @@ class Consumer:
         self.handler = handler
         self.config = queue.config
         self.worker = worker or worker_id()
-        self.change_stream_active = False
-        self._wake = asyncio.Event()
+        self.wakeup = Wakeup(
+            queue.collection,
+            WAKE_PIPELINE,
+            poll_interval_seconds=self.config.poll_interval_seconds,
+            use_change_streams=self.config.use_change_streams,
+        )
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._release_on_cancel = False
         self._grace = 10.0
 
     async def run(self) -> None:
-        background = [asyncio.create_task(self._reap_forever())]
-        if self.config.use_change_streams:
-            background.append(asyncio.create_task(self._watch_forever()))
+        background = [
+            asyncio.create_task(self._reap_forever()),
+            asyncio.create_task(self.wakeup.watch_forever()),
+        ]
         try:
             await self._claim_forever()
             await self._drain()
@@ -90,11 +96,23 @@ class Consumer:
                 task.cancel()
             await asyncio.gather(*background, *self._in_flight, return_exceptions=True)
 
+    async def drain(self) -> int:
+        """Handle messages one at a time until none is available (tests, operator commands)."""
+        handled = 0
+        while (claim := await self.queue.claim(worker=self.worker)) is not None:
+            await self._handle(claim)
+            handled += 1
+        return handled
+
     def stop(self, *, grace_seconds: float = 10.0) -> None:
         """Stop claiming; let in-flight handlers finish within the grace period."""
         self._grace = grace_seconds
         self._stopping.set()
-        self._wake.set()
+        self.wakeup.set()
+
+    @property
+    def change_stream_active(self) -> bool:
+        return self.wakeup.active
 
     @property
     def in_flight(self) -> int:
@@ -104,11 +122,11 @@ class Consumer:
         slots = asyncio.Semaphore(self.config.concurrency)
         while not self._stopping.is_set():
             await slots.acquire()
-            self._wake.clear()  # before the claim: a wake-up during it is not lost
+            self.wakeup.clear()  # before the claim: a wake-up during it is not lost
             claim = await self._try_claim()
             if claim is None:
                 slots.release()
-                await self._sleep(self.config.poll_interval_seconds)
+                await self.wakeup.wait()
                 continue
             task = asyncio.create_task(self._handle(claim))
             self._in_flight.add(task)
@@ -130,10 +148,6 @@ class Consumer:
             with contextlib.suppress(PyMongoError):
                 await self.queue.sweep_malformed()
             return None
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
     async def _handle(self, claim: Claim) -> None:
         try:
@@ -192,16 +206,3 @@ class Consumer:
             except PyMongoError as exc:
                 log.warning("%s: reaper failed: %s", self.queue.name, exc)
             await asyncio.sleep(self.config.reap_every_seconds)
-
-    async def _watch_forever(self) -> None:
-        while True:
-            try:
-                async with await self.queue.collection.watch(WAKE_PIPELINE) as stream:
-                    self.change_stream_active = True
-                    self._wake.set()  # anything published before the stream opened
-                    async for _ in stream:
-                        self._wake.set()
-            except PyMongoError as exc:
-                log.warning("%s: change stream unavailable, polling (%s)", self.queue.name, exc)
-            self.change_stream_active = False
-            await asyncio.sleep(self.config.poll_interval_seconds)

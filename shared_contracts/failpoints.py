@@ -1,0 +1,53 @@
+"""Test-only failpoints: named places where a crash can be injected.
+
+Off unless armed: by ``arm(name)`` in a test, or by the ``SWAMP_FAILPOINTS`` environment
+variable (comma-separated ``name`` or ``name=exit`` for a hard process exit). ``hit(name)`` costs
+one set lookup when nothing is armed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+Action = Literal["raise", "exit"]
+
+
+class FailpointError(RuntimeError):
+    """Raised at an armed failpoint: a crash at exactly that place."""
+
+
+_armed: dict[str, tuple[Action, int]] = {}
+
+
+def _from_environment() -> None:
+    for item in filter(None, os.environ.get("SWAMP_FAILPOINTS", "").split(",")):
+        name, _, action = item.strip().partition("=")
+        _armed[name] = ("exit" if action == "exit" else "raise", -1)
+
+
+def arm(name: str, *, action: Action = "raise", times: int = -1) -> None:
+    """Fire at ``name`` the next ``times`` hits (-1: every hit until disarmed)."""
+    _armed[name] = (action, times)
+
+
+def disarm(name: str | None = None) -> None:
+    if name is None:
+        _armed.clear()
+    else:
+        _armed.pop(name, None)
+
+
+def hit(name: str) -> None:
+    if name not in _armed:
+        return
+    action, times = _armed[name]
+    if times == 0:
+        return
+    _armed[name] = (action, times - 1 if times > 0 else times)
+    if action == "exit":
+        os._exit(77)  # a hard crash: no finally blocks, no graceful shutdown
+    raise FailpointError(f"failpoint {name}")
+
+
+_from_environment()

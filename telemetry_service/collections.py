@@ -1,0 +1,46 @@
+"""The telemetry database's collections (SPEC section 2) and their indexes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.database import AsyncDatabase
+
+EVENTS: Final = "events"  # raw events as ingested; _id = the event id (I2)
+USER_METRICS: Final = "user_metrics"  # per device (distinct_id): anonymous + per-user buckets
+IDENTITY_MAP: Final = "identity_map"  # username -> userId and devices
+USERNAME_METRICS: Final = "username_metrics"  # the projection, written by projection.writer only
+KNOWN_KEYS: Final = "known_keys"  # API-key SHA-256 -> userId (replicated from the app)
+KNOWN_USERS: Final = "known_users"  # userId -> current username (replicated from the app)
+MIGRATIONS: Final = "migrations"
+
+#: leaseUntil of an event no watcher has claimed yet: claimable at once.
+UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+Database = AsyncDatabase[dict[str, Any]]
+
+
+async def ensure_indexes(db: Database) -> None:
+    await db[EVENTS].create_indexes(
+        [
+            # The watcher's batch claim walks unprocessed events in _id order, so the lease is
+            # one range update, not a long $in (and a backlog is never sorted in memory).
+            IndexModel([("processed", ASCENDING), ("_id", ASCENDING)], name="claim"),
+            IndexModel([("claimToken", ASCENDING)], name="claim_token", sparse=True),
+        ]
+    )
+    await db[USER_METRICS].create_indexes(
+        [
+            IndexModel([("userIds", ASCENDING)], name="user_ids"),
+            IndexModel([("ownerUserId", ASCENDING)], name="owner", sparse=True),
+        ]
+    )
+    await db[IDENTITY_MAP].create_index("userId", name="user_id")
+    await db[KNOWN_USERS].create_index("username", name="username")
+    # Collections must exist before a transaction writes to them on older servers.
+    existing = set(await db.list_collection_names())
+    for name in (USERNAME_METRICS, KNOWN_KEYS, MIGRATIONS):
+        if name not in existing:
+            await db.create_collection(name)

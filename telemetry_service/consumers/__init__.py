@@ -1,0 +1,1 @@
+"""Consumers of the app's commands on telemetry_commands."""

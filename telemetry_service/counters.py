@@ -1,0 +1,27 @@
+"""Prometheus counters of the telemetry service (exported at /metrics)."""
+
+from prometheus_client import Counter, Histogram
+
+EVENTS_RECEIVED = Counter(
+    "swamp_ingest_events_total", "Events received by POST /ingest", ["outcome"]
+)
+EVENTS_PROCESSED = Counter("swamp_ingest_events_processed_total", "Events applied by the watcher")
+BATCHES = Counter("swamp_ingest_batches_total", "Watcher batches", ["outcome"])
+BATCH_SECONDS = Histogram("swamp_ingest_batch_seconds", "Time to apply one watcher batch")
+SHARED_DEVICE = Counter(
+    "swamp_ingest_shared_device_total",
+    "A second user authenticated on a device owned by another user (recorded, never merged)",
+)
+UNKNOWN_USER = Counter(
+    "swamp_ingest_unknown_user_total",
+    "Authenticated events whose user has no known username yet (bound on user_registered)",
+)
+EVENTS_DEAD = Counter(
+    "swamp_ingest_events_dead_total",
+    "Events set aside after failing max attempts (kept, retryable)",
+)
+PROJECTION_WRITES = Counter(
+    "swamp_projection_writes_total",
+    "username_metrics writes (each publishes a refresh)",
+    ["reason"],
+)

@@ -1,0 +1,1 @@
+"""POST /ingest: the swamp CLI's events, validated, deduplicated by event id and stored raw."""

@@ -1,0 +1,136 @@
+"""POST /ingest. The CLI treats only 202 as delivered and re-sends anything else with the same
+event ids, so a re-sent duplicate is answered 202 and stored once (I2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from pydantic import ValidationError
+from pymongo.errors import BulkWriteError
+
+from telemetry_service import counters
+from telemetry_service.collections import EVENTS, UNCLAIMED
+from telemetry_service.deps import RuntimeDep
+from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge
+from telemetry_service.ingest.api_keys import presented_key, resolve_user_id
+from telemetry_service.ingest.schemas import CliEvent, IngestAccepted
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["ingest"])
+
+DUPLICATE_KEY = 11000
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it exceeds the limit (never read whole first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def reject_constant(token: str) -> Any:
+    """NaN and Infinity are not JSON (RFC 8259), though Python's parser accepts them."""
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def raw_events(payload: Any, max_events: int) -> tuple[list[Any], bool]:
+    """One event is sent bare; two or more as {"events": [...]}. Returns (events, is_batch)."""
+    if isinstance(payload, dict) and "events" in payload:
+        events = payload["events"]
+        if not isinstance(events, list):
+            raise InvalidEvents(
+                "'events' must be a list", details=[{"loc": "events", "msg": "not a list"}]
+            )
+        if len(events) > max_events:
+            raise PayloadTooLarge(f"{len(events)} events; the limit is {max_events} per request")
+        return events, True
+    if isinstance(payload, dict):
+        return [payload], False
+    raise InvalidEvents(
+        'the body must be one event object or {"events": [...]}',
+        details=[{"loc": "(body)", "msg": f"got {type(payload).__name__}"}],
+    )
+
+
+def validate(events: list[Any], is_batch: bool) -> list[CliEvent]:
+    parsed, problems = [], []
+    for index, raw in enumerate(events):
+        try:
+            parsed.append(CliEvent.model_validate(raw))
+        except ValidationError as exc:
+            prefix = f"events[{index}]" if is_batch else ""
+            for error in exc.errors()[:10]:
+                path = ".".join(str(p) for p in error["loc"])
+                loc = f"{prefix}.{path}".strip(".") if path else prefix or "(body)"
+                problems.append({"index": index, "loc": loc, "msg": error["msg"]})
+    if problems:
+        bad = len({p["index"] for p in problems})
+        raise InvalidEvents(
+            f"{bad} of {len(events)} events are invalid; none was stored", details=problems
+        )
+    return parsed
+
+
+@router.post("/ingest", status_code=202, response_model=IngestAccepted)
+async def ingest(
+    request: Request,
+    runtime: RuntimeDep,
+    x_api_key: Annotated[str | None, Header(include_in_schema=True)] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> IngestAccepted:
+    """Accept one CLI event or a batch. 202 also for re-sent duplicates (stored once)."""
+    settings = runtime.settings
+    body = await read_body(request, settings.max_body_bytes)
+    try:
+        payload = json.loads(body, parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    events, is_batch = raw_events(payload, settings.max_events_per_request)
+    parsed = validate(events, is_batch)
+    user_id = await resolve_user_id(runtime.db, presented_key(x_api_key, authorization))
+    accepted, duplicates = await store(runtime, events, parsed, user_id)
+    counters.EVENTS_RECEIVED.labels("accepted").inc(accepted)
+    counters.EVENTS_RECEIVED.labels("duplicate").inc(duplicates)
+    return IngestAccepted(accepted=accepted, duplicates=duplicates)
+
+
+async def store(
+    runtime: RuntimeDep, events: list[Any], parsed: list[CliEvent], user_id: str | None
+) -> tuple[int, int]:
+    """One unordered insert_many; a duplicate key is an event we already have."""
+    now = datetime.now(UTC)
+    documents: dict[str, dict[str, Any]] = {}
+    for raw, event in zip(events, parsed, strict=True):
+        documents.setdefault(
+            event.event_id,
+            {
+                "_id": event.event_id,
+                "raw": raw,
+                "distinctId": event.distinct_id,
+                "userId": user_id,
+                "receivedAt": now,
+                "processed": False,
+                "leaseUntil": UNCLAIMED,
+            },
+        )
+    within_request = len(parsed) - len(documents)
+    if not documents:  # an empty batch: nothing to store, nothing lost
+        return 0, 0
+    try:
+        result = await runtime.db[EVENTS].insert_many(list(documents.values()), ordered=False)
+        return len(result.inserted_ids), within_request
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise
+        return exc.details.get("nInserted", 0), within_request + len(errors)

@@ -1,0 +1,1 @@
+"""The ingest watcher: raw events -> device counters, identity, projections, in one transaction."""

@@ -1,0 +1,135 @@
+"""The watcher: exactly once (I2) through crashes and replicas; I4 at rest."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared_contracts import failpoints
+from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked
+from telemetry_service.collections import EVENTS, KNOWN_KEYS, UNCLAIMED, USERNAME_METRICS
+from telemetry_service.processing import watcher as watcher_module
+from telemetry_service.processing.watcher import IngestWatcher
+from telemetry_service.projection.verify import find_drift
+from tests.telemetry.conftest import Telemetry, cli_event
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def no_failpoints() -> Iterator[None]:
+    yield
+    failpoints.disarm()
+
+
+async def unprocessed(telemetry: Telemetry) -> int:
+    return await telemetry.runtime.db[EVENTS].count_documents({"processed": False})
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        watcher_module.AFTER_METRICS_WRITE,
+        watcher_module.BEFORE_MARK_PROCESSED,
+        watcher_module.BEFORE_COMMIT,
+    ],
+)
+async def test_a_crash_at_any_step_counts_every_event_exactly_once(
+    telemetry: Telemetry, failpoint: str
+) -> None:
+    _, key = await telemetry.register("kate")
+    await telemetry.post({"events": [cli_event("k1") for _ in range(5)]}, key)
+    await telemetry.post({"events": [cli_event("k2") for _ in range(3)]})
+    failpoints.arm(failpoint, times=1)
+    with pytest.raises(failpoints.FailpointError):
+        await telemetry.watcher.process_one_batch()
+    assert await unprocessed(telemetry) == 8  # the transaction rolled everything back
+    assert (await telemetry.stats("kate"))["totalInvocations"] == 0
+    # The crashed worker's lease expires; a fresh worker takes the batch over.
+    await telemetry.runtime.db[EVENTS].update_many({}, {"$set": {"leaseUntil": UNCLAIMED}})
+    await IngestWatcher(telemetry.runtime).drain()
+    assert (await telemetry.stats("kate"))["totalInvocations"] == 5
+    assert await find_drift(telemetry.runtime.db) == []
+
+
+async def test_a_worker_that_lost_its_lease_cannot_commit(telemetry: Telemetry) -> None:
+    _, key = await telemetry.register("liam")
+    await telemetry.post({"events": [cli_event("l1") for _ in range(4)]}, key)
+    slow = IngestWatcher(telemetry.runtime)
+    token, documents = await slow.claim_batch()
+    # Lease expires; another worker claims and applies the same events.
+    await telemetry.runtime.db[EVENTS].update_many({}, {"$set": {"leaseUntil": UNCLAIMED}})
+    await IngestWatcher(telemetry.runtime).drain()
+    from telemetry_service.processing.watcher import StoredEvent
+
+    batch = [StoredEvent.from_document(d) for d in documents]
+    with pytest.raises(watcher_module.LeaseLost):
+        async with telemetry.runtime.client.start_session() as session:
+            await session.with_transaction(lambda s: slow.apply_batch(s, token, batch))
+    assert (await telemetry.stats("liam"))["totalInvocations"] == 4
+
+
+async def test_three_watcher_replicas_process_5000_events_once(telemetry: Telemetry) -> None:
+    keys = [(await telemetry.register(f"user-{i}"))[1] for i in range(5)]
+    for start in range(0, 5000, 1000):
+        events = [
+            (cli_event(f"dev-{n % 25}", status="success" if n % 3 else "error"), n)
+            for n in range(start, start + 1000)
+        ]
+        # Devices 0-4 belong to a user each (authenticated); the rest stay anonymous.
+        for user in range(5):
+            mine = [e for e, n in events if n % 25 == user]
+            await telemetry.post({"events": mine}, keys[user])
+        await telemetry.post({"events": [e for e, n in events if n % 25 >= 5]})
+    assert await telemetry.runtime.db[EVENTS].count_documents({}) == 5000
+    replicas = [IngestWatcher(telemetry.runtime, worker=f"r{i}") for i in range(3)]
+    await asyncio.gather(*(replica.drain() for replica in replicas))
+    assert await unprocessed(telemetry) == 0
+    totals = [(await telemetry.stats(f"user-{i}"))["totalInvocations"] for i in range(5)]
+    assert totals == [200] * 5
+    assert await find_drift(telemetry.runtime.db) == []
+
+
+async def test_verify_reports_a_tampered_projection(telemetry: Telemetry) -> None:
+    _, key = await telemetry.register("mona")
+    await telemetry.post(cli_event("m1"), key)
+    await telemetry.drain()
+    assert await find_drift(telemetry.runtime.db) == []
+    await telemetry.runtime.db[USERNAME_METRICS].update_one(
+        {"_id": "mona"}, {"$set": {"totalInvocations": 99}}
+    )
+    await telemetry.runtime.db[USERNAME_METRICS].insert_one({"_id": "ghost", "totalInvocations": 1})
+    drift = {d.username: d for d in await find_drift(telemetry.runtime.db)}
+    assert drift["mona"].fields == ("totalInvocations",)
+    assert drift["ghost"].problem == "projection without an identity_map entry"
+
+
+async def test_a_revoke_that_overtakes_its_issue_keeps_the_key_revoked(
+    telemetry: Telemetry,
+) -> None:
+    digest = "ab" * 32
+    await telemetry.runtime.commands.publish(ApiKeyRevoked(keyHash=digest))
+    await telemetry.drain()
+    await telemetry.runtime.commands.publish(ApiKeyIssued(userId="u1", keyHash=digest))
+    await telemetry.drain()
+    known = await telemetry.runtime.db[KNOWN_KEYS].find_one({"_id": digest})
+    assert known["revokedAt"] is not None
+    assert known["userId"] == "u1"
+
+
+def test_only_the_projection_writer_writes_username_metrics() -> None:
+    """I1 by construction: any other module writing the projection is a failing test."""
+    writes = re.compile(r"\.(insert|update|replace|delete|bulk_write|find_one_and_)\w*\(")
+    offenders = []
+    for path in (ROOT / "telemetry_service").rglob("*.py"):
+        if path.name == "writer.py" and path.parent.name == "projection":
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"(USERNAME_METRICS|\"username_metrics\")\][^\n]*", text):
+            if writes.search(match.group(0)):
+                offenders.append(f"{path.relative_to(ROOT)}: {match.group(0)}")
+    assert offenders == []
