@@ -15,10 +15,10 @@ import httpx
 from asgi_lifespan import LifespanManager
 
 from bench.common import Results, Stopwatch, counted_client, database_uri
+from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, UserRegistered
 from telemetry_service.collections import EVENTS
 from telemetry_service.consumers.commands import command_consumer
-from telemetry_service.ingest.api_keys import key_hash
 from telemetry_service.main import create_app
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime

@@ -1,4 +1,4 @@
-"""The ASGI app: one AsyncMongoClient opened in the lifespan and closed after it."""
+"""The main app's ASGI app: one AsyncMongoClient opened in the lifespan and closed after it."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,8 +9,28 @@ from shared_contracts.mongo import make_client
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from swamp_app import health
+from swamp_app.api_keys.router import router as api_keys_router
+from swamp_app.collections import ensure_indexes
+from swamp_app.errors import install_error_handlers
 from swamp_app.runtime import AppRuntime
+from swamp_app.scores.router import router as scores_router
 from swamp_app.settings import AppSettings
+from swamp_app.users.router import router as users_router
+from swamp_app.workers import AppWorkers
+
+
+async def open_runtime(settings: AppSettings) -> AppRuntime:
+    client = make_client(settings.mongodb_uri, app_name="swamp_app")
+    runtime = AppRuntime(settings=settings, client=client)
+    try:
+        await ensure_indexes(runtime.db)
+        await ensure_queue_indexes(
+            client[settings.bus_db], done_retention_seconds=settings.queue_done_retention_seconds
+        )
+    except BaseException:
+        await client.close()
+        raise
+    return runtime
 
 
 def create_app(settings: AppSettings | None = None) -> FastAPI:
@@ -18,17 +38,23 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = make_client(settings.mongodb_uri, app_name="swamp_app")
-        app.state.runtime = AppRuntime(settings=settings, client=client)
+        runtime = await open_runtime(settings)
+        app.state.runtime = runtime
+        workers = AppWorkers(runtime) if settings.run_workers else None
+        app.state.workers = workers
+        if workers:
+            workers.start()
         try:
-            await ensure_queue_indexes(
-                client[settings.bus_db],
-                done_retention_seconds=settings.queue_done_retention_seconds,
-            )
             yield
         finally:
-            await client.close()
+            if workers:
+                await workers.stop()
+            await runtime.client.close()
 
     app = FastAPI(title="swamp-club app", lifespan=lifespan)
+    install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(users_router)
+    app.include_router(api_keys_router)
+    app.include_router(scores_router)
     return app

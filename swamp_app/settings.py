@@ -1,4 +1,5 @@
-"""Main app settings: the bus settings plus its own database and port (nothing of telemetry's)."""
+"""Main app settings: the bus settings plus its own database, port and workers (nothing of
+telemetry's: the app has no way to address the telemetry database, I5)."""
 
 from pydantic import Field
 
@@ -9,3 +10,9 @@ class AppSettings(BusSettings):
     app_db: str = Field(default="swamp_club", alias="APP_DB", min_length=1, max_length=38)
     host: str = Field(default="127.0.0.1", alias="APP_HOST")
     port: int = Field(default=8000, alias="APP_PORT", ge=1, le=65535)
+    score_history_cap: int = Field(default=50, alias="SCORE_HISTORY_CAP", ge=1, le=10_000)
+    run_workers: bool = Field(
+        default=True,
+        alias="APP_RUN_WORKERS",
+        description="Run the score-refresh consumer inside the API process.",
+    )

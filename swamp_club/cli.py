@@ -11,13 +11,13 @@ from collections.abc import Iterator
 import typer
 
 from shared_contracts.settings import SettingsError, load_settings
+from swamp_club.app_cli import app_cli
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
 from swamp_club.queue_cli import contracts_cli, queue_cli
 from swamp_club.settings import LauncherSettings
 from swamp_club.telemetry_cli import telemetry_cli
 
 cli = typer.Typer(help="swamp-club: telemetry ingest and user scoring.", no_args_is_help=True)
-app_cli = typer.Typer(help="The main app.", no_args_is_help=True)
 cli.add_typer(telemetry_cli, name="telemetry")
 cli.add_typer(app_cli, name="app")
 cli.add_typer(queue_cli, name="queue")
@@ -81,21 +81,6 @@ def up() -> None:
     except (SettingsError, EmbeddedDbError) as exc:
         raise fail(str(exc)) from None
     typer.echo("stopped.")
-
-
-@app_cli.command("serve")
-def app_serve() -> None:
-    """Serve the main app's API (MONGODB_URI must point at a running database)."""
-    from swamp_app.main import create_app as create_main_app
-    from swamp_app.settings import AppSettings
-    from swamp_club.servers import make_server, serve_until_signalled
-
-    try:
-        a = load_settings(AppSettings)
-    except SettingsError as exc:
-        raise fail(str(exc)) from None
-    server = make_server(create_main_app(a), host=a.host, port=a.port, log_level="info")
-    asyncio.run(serve_until_signalled([server]))
 
 
 def main() -> None:

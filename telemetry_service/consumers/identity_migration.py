@@ -15,7 +15,11 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import UsernameChanged
 from telemetry_service.collections import IDENTITY_MAP, KNOWN_USERS
-from telemetry_service.projection.writer import delete_projections, write_projections
+from telemetry_service.projection.writer import (
+    delete_projections,
+    read_projection,
+    write_projections,
+)
 from telemetry_service.runtime import TelemetryRuntime
 
 log = logging.getLogger(__name__)
@@ -39,11 +43,15 @@ async def apply_username_changed(
         upsert=True,
         session=session,
     )
+    old_projection = await read_projection(db, command.oldUsername, session=session)
     await write_projections(
         db=db,
         refreshes=runtime.refreshes,
         reasons={command.newUsername: "identity_migration"},
         session=session,
+        version_floors={
+            command.newUsername: int((old_projection or {}).get("projectionVersion", 0))
+        },
     )
     await delete_projections(db=db, usernames=[command.oldUsername], session=session)
 

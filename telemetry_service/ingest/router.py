@@ -12,11 +12,12 @@ from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
 from pymongo.errors import BulkWriteError
 
+from shared_contracts.keys import presented_key
 from telemetry_service import counters
 from telemetry_service.collections import EVENTS, UNCLAIMED
 from telemetry_service.deps import RuntimeDep
 from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge
-from telemetry_service.ingest.api_keys import presented_key, resolve_user_id
+from telemetry_service.ingest.api_keys import resolve_user_id
 from telemetry_service.ingest.schemas import CliEvent, IngestAccepted
 
 log = logging.getLogger(__name__)

@@ -61,10 +61,13 @@ async def write_projections(
     reasons: Mapping[str, RefreshReason],
     session: Session,
     inputs: ProjectionInputs | None = None,
+    version_floors: Mapping[str, int] | None = None,
 ) -> int:
     """Recompute and write the projection of each username, publishing each one's refresh.
 
     Usernames without an identity entry have nothing to project and are skipped.
+    ``version_floors`` keeps versions monotonic per user across a rename: the new name's first
+    projection must be newer than anything the app applied under the old name (I9).
     Returns the number of projections written.
     """
     usernames = sorted(reasons)
@@ -83,7 +86,8 @@ async def write_projections(
     for username in usernames:
         if username not in inputs.entries:
             continue
-        version = versions.get(username, 0) + 1
+        floor = (version_floors or {}).get(username, 0)
+        version = max(versions.get(username, 0), floor) + 1
         projection = {
             "_id": username,
             **inputs.fold(username),
@@ -115,5 +119,7 @@ async def delete_projections(*, db: Database, usernames: list[str], session: Ses
         )
 
 
-async def read_projection(db: Database, username: str) -> dict[str, Any] | None:
-    return await db[USERNAME_METRICS].find_one({"_id": username})
+async def read_projection(
+    db: Database, username: str, *, session: Session = None
+) -> dict[str, Any] | None:
+    return await db[USERNAME_METRICS].find_one({"_id": username}, session=session)

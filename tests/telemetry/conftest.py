@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, UserRegistered
 from telemetry_service.consumers.commands import command_consumer
-from telemetry_service.ingest.api_keys import key_hash
 from telemetry_service.main import create_app
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime

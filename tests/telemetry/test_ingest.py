@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyRevoked
 from telemetry_service.collections import EVENTS
-from telemetry_service.ingest.api_keys import key_hash
 from tests.telemetry.conftest import CLI_EVENT, Telemetry, cli_event
 
 

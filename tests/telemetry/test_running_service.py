@@ -7,9 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, UserRegistered
 from telemetry_service.collections import USERNAME_METRICS
-from telemetry_service.ingest.api_keys import key_hash
 from telemetry_service.main import create_app
 from telemetry_service.runtime import TelemetryRuntime
 from telemetry_service.settings import TelemetrySettings

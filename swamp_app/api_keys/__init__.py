@@ -1,0 +1,1 @@
+"""API keys: issued and revoked with their telemetry command in one transaction."""

@@ -1,0 +1,1 @@
+"""UserScore: the scoring formula (pure), the repository, the score-refresh consumer, the API."""

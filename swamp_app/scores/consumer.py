@@ -1,0 +1,43 @@
+"""The score-refresh consumer on swamp_club_events: the refresh and its ack in one transaction."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from shared_contracts.messages import ScoreRefresh
+from shared_contracts.queue.consumer import Consumer, Delivery
+from swamp_app.runtime import AppRuntime
+from swamp_app.scores.repository import apply_refresh
+
+log = logging.getLogger(__name__)
+
+REFRESHES = Counter("swamp_score_refreshes_total", "score_refresh messages by outcome", ["outcome"])
+
+
+def score_refresh_consumer(runtime: AppRuntime, *, worker: str | None = None) -> Consumer:
+    async def handle(delivery: Delivery) -> None:
+        refresh = delivery.message
+        assert isinstance(refresh, ScoreRefresh)
+        outcome = "stale"
+
+        async def apply_and_ack(session: AsyncClientSession) -> None:
+            nonlocal outcome
+            outcome = await apply_refresh(
+                runtime.db,
+                refresh,
+                history_cap=runtime.settings.score_history_cap,
+                session=session,
+            )
+            await delivery.ack(session=session)
+
+        async with runtime.client.start_session() as session:
+            await session.with_transaction(apply_and_ack)
+        REFRESHES.labels(outcome).inc()
+        if outcome == "unknown_username":
+            # Renamed (or never registered) meanwhile: the new name gets its own refresh.
+            log.info("score_refresh for unknown username %s acknowledged", refresh.username)
+
+    return Consumer(runtime.refreshes, handle, worker=worker)

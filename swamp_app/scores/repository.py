@@ -1,0 +1,103 @@
+"""user_scores: one document per user (_id = userId, username unique), re-keyed on rename."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared_contracts.messages import ScoreRefresh
+from swamp_app.collections import USER_SCORES
+from swamp_app.scores.scoring import activity_score, canonical_score, score_sources
+
+log = logging.getLogger(__name__)
+Database = AsyncDatabase[dict[str, Any]]
+Session = AsyncClientSession | None
+Applied = Literal["applied", "stale", "unknown_username"]
+
+
+async def create_score(db: Database, *, user_id: str, username: str, session: Session) -> None:
+    """A new user's score: zeros until telemetry's first refresh (sourceVersion 0)."""
+    now = datetime.now(UTC)
+    await db[USER_SCORES].insert_one(
+        {
+            "_id": user_id,
+            "username": username,
+            "canonicalScore": 0.0,
+            "activityScore": 0.0,
+            "scoreSources": {"activity": 0.0},
+            "scoreHistory": [],
+            "sourceVersion": 0,
+            "createdAt": now,
+            "updatedAt": now,
+        },
+        session=session,
+    )
+
+
+async def rekey_score(db: Database, *, user_id: str, username: str, session: Session) -> None:
+    await db[USER_SCORES].update_one(
+        {"_id": user_id},
+        {"$set": {"username": username, "updatedAt": datetime.now(UTC)}},
+        session=session,
+    )
+
+
+async def apply_refresh(
+    db: Database, refresh: ScoreRefresh, *, history_cap: int, session: Session
+) -> Applied:
+    """Re-score from the snapshot, only if its projectionVersion is newer than the one behind
+    the stored score (I9): redelivery and reordering never move a score backwards."""
+    scores = db[USER_SCORES]
+    current = await scores.find_one(
+        {"username": refresh.username}, {"sourceVersion": 1}, session=session
+    )
+    if current is None:
+        return "unknown_username"
+    version = refresh.projectionVersion
+    if version <= int(current.get("sourceVersion", 0)):
+        return "stale"
+    now = datetime.now(UTC)
+    sources = score_sources(refresh.snapshot)
+    score = canonical_score(sources)
+    entry = {
+        "at": now,
+        "canonicalScore": score,
+        "activityScore": activity_score(refresh.snapshot),
+        "reason": refresh.reason,
+        "projectionVersion": version,
+    }
+    result = await scores.update_one(
+        {"_id": current["_id"], "sourceVersion": {"$lt": version}},
+        {
+            "$set": {
+                "canonicalScore": score,
+                "activityScore": entry["activityScore"],
+                "scoreSources": sources,
+                "sourceVersion": version,
+                "updatedAt": now,
+            },
+            # Newest last, bounded: the oldest entries fall off.
+            "$push": {"scoreHistory": {"$each": [entry], "$slice": -history_cap}},
+        },
+        session=session,
+    )
+    return "applied" if result.modified_count == 1 else "stale"
+
+
+async def read_score(db: Database, username: str) -> dict[str, Any] | None:
+    return await db[USER_SCORES].find_one({"username": username})
+
+
+async def leaderboard(db: Database, *, limit: int, offset: int) -> list[dict[str, Any]]:
+    cursor = db[USER_SCORES].find(
+        {},
+        {"username": 1, "canonicalScore": 1, "activityScore": 1},
+        sort=[("canonicalScore", -1), ("username", 1)],
+        skip=offset,
+        limit=limit,
+    )
+    return await cursor.to_list()

@@ -1,0 +1,1 @@
+"""Users: registration, renames (#211), whoami."""

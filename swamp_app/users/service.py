@@ -1,0 +1,91 @@
+"""Registration and renames. Each commits the user, the score and the telemetry command in one
+transaction, or none of them (I5); the app never touches telemetry's database (#211)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
+
+from shared_contracts import failpoints
+from shared_contracts.messages import UsernameChanged, UserRegistered
+from shared_contracts.mongo import in_transaction
+from swamp_app.api_keys.service import issue_key
+from swamp_app.collections import USERS
+from swamp_app.errors import NotFound, UsernameTaken
+from swamp_app.runtime import AppRuntime
+from swamp_app.scores.repository import create_score, rekey_score
+
+#: Failpoint between the user update and the rest of a rename (the transaction must abort).
+AFTER_USER_UPDATE = "app.after_user_update"
+
+
+async def register_user(runtime: AppRuntime, *, username: str) -> tuple[dict[str, Any], str]:
+    """A new user with its first API key (returned raw, once) and a zero score."""
+
+    async def work(session: AsyncClientSession) -> tuple[dict[str, Any], str]:
+        user_id = uuid.uuid4().hex
+        user: dict[str, Any] = {
+            "_id": user_id,
+            "username": username,
+            "renameSeq": 0,
+            "createdAt": datetime.now(UTC),
+        }
+        await runtime.db[USERS].insert_one(user, session=session)
+        await create_score(runtime.db, user_id=user_id, username=username, session=session)
+        await runtime.commands.publish(
+            UserRegistered(userId=user_id, username=username), session=session
+        )
+        _, raw_key = await issue_key(runtime, user_id=user_id, session=session)
+        return user, raw_key
+
+    try:
+        return await in_transaction(runtime.client, work)
+    except DuplicateKeyError:
+        raise UsernameTaken(f"the username {username!r} is taken") from None
+
+
+async def rename_user(runtime: AppRuntime, *, user_id: str, new_username: str) -> dict[str, Any]:
+    """Rename; the score is re-keyed and username_changed published in the same transaction."""
+
+    async def work(session: AsyncClientSession) -> dict[str, Any]:
+        current = await runtime.db[USERS].find_one({"_id": user_id}, session=session)
+        if current is None:
+            raise NotFound("the user no longer exists")
+        if current["username"] == new_username:
+            return current  # renaming to one's own name changes nothing
+        renamed = await runtime.db[USERS].find_one_and_update(
+            {"_id": user_id, "username": current["username"]},
+            {"$set": {"username": new_username}, "$inc": {"renameSeq": 1}},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        assert renamed is not None  # matched by _id and username inside our snapshot
+        failpoints.hit(AFTER_USER_UPDATE)
+        await rekey_score(runtime.db, user_id=user_id, username=new_username, session=session)
+        await runtime.commands.publish(
+            UsernameChanged(
+                oldUsername=current["username"],
+                newUsername=new_username,
+                userId=user_id,
+                seq=renamed["renameSeq"],
+            ),
+            session=session,
+        )
+        return renamed
+
+    try:
+        return await in_transaction(runtime.client, work)
+    except DuplicateKeyError:
+        raise UsernameTaken(f"the username {new_username!r} is taken") from None
+
+
+async def find_user(runtime: AppRuntime, username: str) -> dict[str, Any]:
+    user = await runtime.db[USERS].find_one({"username": username})
+    if user is None:
+        raise NotFound(f"no user {username!r}")
+    return user

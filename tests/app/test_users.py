@@ -1,0 +1,163 @@
+"""Registration, API keys, whoami and renames (#211, I5)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from shared_contracts import failpoints
+from shared_contracts.keys import api_key_hash
+from swamp_app.collections import API_KEYS, USER_SCORES, USERS
+from swamp_app.users.service import AFTER_USER_UPDATE, rename_user
+from tests.app.conftest import App
+
+
+@pytest.fixture(autouse=True)
+def no_failpoints() -> Iterator[None]:
+    yield
+    failpoints.disarm()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_registration_returns_a_key_stores_only_its_hash_and_tells_telemetry(
+    app: App,
+) -> None:
+    user = await app.register("alice")
+    assert set(user) == {"id", "username", "apiKey"}
+    assert user["apiKey"].startswith("swamp_")
+    keys = await app.runtime.db[API_KEYS].find().to_list()
+    assert [k["keyHash"] for k in keys] == [api_key_hash(user["apiKey"])]
+    for collection in (USERS, API_KEYS, USER_SCORES):
+        async for document in app.runtime.db[collection].find():
+            assert user["apiKey"] not in str(document)
+    commands = await app.commands()
+    assert [c["type"] for c in commands] == ["user_registered", "api_key_issued"]
+    assert commands[0]["userId"] == user["id"]
+    assert commands[0]["username"] == "alice"
+    assert commands[1]["keyHash"] == api_key_hash(user["apiKey"])
+    score = await app.score("alice")
+    assert (score["canonicalScore"], score["sourceVersion"]) == (0.0, 0)
+
+
+@pytest.mark.parametrize(
+    ("username", "rule"),
+    [
+        ("ab", "3 to 39 characters"),
+        ("a" * 40, "3 to 39 characters"),
+        ("Alice", "only lowercase letters, digits and hyphens"),
+        ("al_ice", "only lowercase letters, digits and hyphens"),
+        ("-alice", "does not start or end with a hyphen"),
+        ("alice-", "does not start or end with a hyphen"),
+        ("al--ice", "no consecutive hyphens"),
+    ],
+)
+async def test_each_username_rule_is_named_in_the_422(app: App, username: str, rule: str) -> None:
+    response = await app.http.post("/v1/users", json={"username": username})
+    assert response.status_code == 422
+    (detail,) = response.json()["error"]["details"]
+    assert detail["loc"] == "body.username"
+    assert rule in detail["msg"]
+    assert await app.runtime.db[USERS].count_documents({}) == 0
+
+
+async def test_a_taken_username_is_409(app: App) -> None:
+    await app.register("bob")
+    response = await app.http.post("/v1/users", json={"username": "bob"})
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "username_taken"
+    assert await app.runtime.db[USERS].count_documents({}) == 1
+    assert len(await app.commands("user_registered")) == 1
+
+
+async def test_whoami_answers_the_cli(app: App) -> None:
+    user = await app.register("carol")
+    response = await app.http.get("/api/whoami", headers={"x-api-key": user["apiKey"]})
+    assert response.json() == {"authenticated": True, "id": user["id"], "username": "carol"}
+    assert (
+        await app.http.get("/api/whoami", headers={"x-api-key": "swamp_nope"})
+    ).status_code == 401
+    assert (await app.http.get("/api/whoami")).status_code == 401
+
+
+async def test_keys_are_issued_and_revoked_with_their_commands(app: App) -> None:
+    user = await app.register("dave")
+    created = await app.http.post("/v1/users/me/api-keys", headers=bearer(user["apiKey"]))
+    assert created.status_code == 201
+    second = created.json()
+    assert (await app.http.get("/api/whoami", headers=bearer(second["apiKey"]))).status_code == 200
+    deleted = await app.http.delete(
+        f"/v1/users/me/api-keys/{second['id']}", headers=bearer(user["apiKey"])
+    )
+    assert deleted.status_code == 204
+    assert (await app.http.get("/api/whoami", headers=bearer(second["apiKey"]))).status_code == 401
+    revoked = await app.commands("api_key_revoked")
+    assert [c["keyHash"] for c in revoked] == [api_key_hash(second["apiKey"])]
+    issued = await app.commands("api_key_issued")
+    assert api_key_hash(second["apiKey"]) in {c["keyHash"] for c in issued}
+
+
+async def test_revoking_someone_else_s_key_is_404(app: App) -> None:
+    erin, frank = await app.register("erin"), await app.register("frank")
+    frank_keys = await app.runtime.db[API_KEYS].find({"userId": frank["id"]}).to_list()
+    response = await app.http.delete(
+        f"/v1/users/me/api-keys/{frank_keys[0]['_id']}", headers=bearer(erin["apiKey"])
+    )
+    assert response.status_code == 404
+    assert (await app.http.get("/api/whoami", headers=bearer(frank["apiKey"]))).status_code == 200
+
+
+async def test_rename_changes_user_score_and_command_in_one_commit(app: App) -> None:
+    user = await app.register("gina")
+    response = await app.rename(user["apiKey"], "gina-b")
+    assert response.status_code == 200
+    assert response.json() == {"id": user["id"], "username": "gina-b"}
+    assert (await app.runtime.db[USERS].find_one({"_id": user["id"]}))["username"] == "gina-b"
+    assert (await app.score("gina-b"))["username"] == "gina-b"
+    assert (await app.http.get("/v1/users/gina/score")).status_code == 404
+    (changed,) = await app.commands("username_changed")
+    assert {k: changed[k] for k in ("oldUsername", "newUsername", "userId", "seq")} == {
+        "oldUsername": "gina",
+        "newUsername": "gina-b",
+        "userId": user["id"],
+        "seq": 1,
+    }
+    await app.rename(user["apiKey"], "gina-c")
+    assert [c["seq"] for c in await app.commands("username_changed")] == [1, 2]
+
+
+async def test_a_crash_after_the_user_update_leaves_all_three_untouched(app: App) -> None:
+    user = await app.register("hank")
+    failpoints.arm(AFTER_USER_UPDATE, times=1)
+    with pytest.raises(failpoints.FailpointError):
+        await rename_user(app.runtime, user_id=user["id"], new_username="hank-b")
+    assert (await app.runtime.db[USERS].find_one({"_id": user["id"]}))["username"] == "hank"
+    assert (await app.score("hank"))["username"] == "hank"
+    assert await app.commands("username_changed") == []
+
+
+async def test_rename_to_one_s_own_name_is_a_no_op_and_to_a_taken_one_409(app: App) -> None:
+    ivan = await app.register("ivan")
+    await app.register("judy")
+    same = await app.rename(ivan["apiKey"], "ivan")
+    assert (same.status_code, same.json()["username"]) == (200, "ivan")
+    taken = await app.rename(ivan["apiKey"], "judy")
+    assert taken.status_code == 409
+    assert await app.commands("username_changed") == []
+    assert (await app.rename("swamp_wrong", "kate")).status_code == 401
+    invalid = await app.rename(ivan["apiKey"], "Not-OK")
+    assert invalid.status_code == 422
+
+
+async def test_two_users_racing_for_one_name_exactly_one_wins(app: App) -> None:
+    a, b = await app.register("liam"), await app.register("mona")
+    responses = await asyncio.gather(
+        app.rename(a["apiKey"], "prize"), app.rename(b["apiKey"], "prize")
+    )
+    assert sorted(r.status_code for r in responses) == [200, 409]
+    assert await app.runtime.db[USERS].count_documents({"username": "prize"}) == 1
+    assert len(await app.commands("username_changed")) == 1
