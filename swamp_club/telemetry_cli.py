@@ -4,41 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 
 import typer
 
-from shared_contracts.settings import SettingsError, load_settings
+from swamp_club.service_commands import run_workers, serve, settings_or_exit
 from telemetry_service.settings import TelemetrySettings
 
 telemetry_cli = typer.Typer(help="The telemetry service.", no_args_is_help=True)
 
 
-def settings() -> TelemetrySettings:
-    try:
-        return load_settings(TelemetrySettings)
-    except SettingsError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
-
-
-async def until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 @telemetry_cli.command("serve")
-def serve() -> None:
+def serve_command() -> None:
     """Serve the telemetry API (with its workers unless TELEMETRY_RUN_WORKERS=false)."""
-    from swamp_club.servers import make_server, serve_until_signalled
     from telemetry_service.main import create_app
 
-    s = settings()
-    server = make_server(create_app(s), host=s.host, port=s.port, log_level="info")
-    asyncio.run(serve_until_signalled([server]))
+    settings = settings_or_exit(TelemetrySettings)
+    serve(create_app(settings), host=settings.host, port=settings.port)
 
 
 @telemetry_cli.command("worker")
@@ -47,18 +28,8 @@ def worker() -> None:
     from telemetry_service.main import open_runtime
     from telemetry_service.workers import TelemetryWorkers
 
-    async def main() -> None:
-        runtime = await open_runtime(settings())
-        workers = TelemetryWorkers(runtime)
-        workers.start()
-        typer.echo("telemetry workers running; Ctrl-C stops them")
-        try:
-            await until_signalled()
-        finally:
-            await workers.stop()
-            await runtime.client.close()
-
-    asyncio.run(main())
+    settings = settings_or_exit(TelemetrySettings)
+    run_workers(lambda: open_runtime(settings), TelemetryWorkers, label="telemetry workers")
 
 
 @telemetry_cli.command("verify")
@@ -68,7 +39,7 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     from telemetry_service.projection.verify import find_drift
 
     async def main() -> list[str]:
-        runtime = await open_runtime(settings())
+        runtime = await open_runtime(settings_or_exit(TelemetrySettings))
         try:
             return [str(d) for d in await find_drift(runtime.db)]
         finally:
