@@ -18,6 +18,7 @@ class FailpointError(RuntimeError):
 
 
 _armed: dict[str, tuple[Action, int]] = {}
+_skips: dict[str, int] = {}
 
 
 def _from_environment() -> None:
@@ -26,20 +27,27 @@ def _from_environment() -> None:
         _armed[name] = ("exit" if action == "exit" else "raise", -1)
 
 
-def arm(name: str, *, action: Action = "raise", times: int = -1) -> None:
-    """Fire at ``name`` the next ``times`` hits (-1: every hit until disarmed)."""
+def arm(name: str, *, action: Action = "raise", times: int = -1, skip: int = 0) -> None:
+    """Fire at ``name`` for ``times`` hits (-1: every hit until disarmed), after letting the
+    first ``skip`` hits pass (e.g. crash after the second batch: skip=1)."""
     _armed[name] = (action, times)
+    _skips[name] = skip
 
 
 def disarm(name: str | None = None) -> None:
     if name is None:
         _armed.clear()
+        _skips.clear()
     else:
         _armed.pop(name, None)
+        _skips.pop(name, None)
 
 
 def hit(name: str) -> None:
     if name not in _armed:
+        return
+    if _skips.get(name, 0) > 0:
+        _skips[name] -= 1
         return
     action, times = _armed[name]
     if times == 0:

@@ -3,9 +3,11 @@
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
+from shared_contracts.observability import metrics_response
+from shared_contracts.queue.metrics import update_queue_gauges
 from swamp_app.deps import RuntimeDep
 
 router = APIRouter(tags=["operations"])
@@ -25,3 +27,11 @@ async def readyz(runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
     except PyMongoError as exc:
         return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
     return {"status": "ready", "database": "ok"}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics: requests, ingest and queue counters, queue depth and age, lags."""
+    return await metrics_response(
+        lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
+    )

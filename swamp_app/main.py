@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shared_contracts.mongo import make_client
+from shared_contracts.observability import install_observability
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from swamp_app import health
@@ -53,6 +54,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="swamp-club app", lifespan=lifespan)
     install_error_handlers(app)
+    install_observability(app, service="app")
     app.include_router(health.router)
     app.include_router(users_router)
     app.include_router(api_keys_router)

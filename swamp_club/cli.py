@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import uuid
 from collections.abc import Iterator
 
 import typer
 
+from shared_contracts.observability import configure_logging
 from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.app_cli import app_cli
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
@@ -50,6 +53,22 @@ def database_uri(launcher: LauncherSettings) -> Iterator[str]:
         yield db.uri
 
 
+def sample_curl(host: str, port: int) -> str:
+    event_id = str(uuid.uuid4())
+    event = {
+        "event": "cli_invocation",
+        "distinct_id": str(uuid.uuid4()),
+        "insert_id": event_id,
+        "properties": {
+            "id": event_id,
+            "invocation": {"command": "model", "subcommand": "create"},
+            "result": {"status": "success", "exitCode": 0},
+        },
+    }
+    body = json.dumps(event, separators=(",", ":"))
+    return f"curl -s http://{host}:{port}/ingest -H 'content-type: application/json' -d '{body}'"
+
+
 @cli.command()
 def up() -> None:
     """Run the whole system: the database (embedded unless MONGODB_URI), both services, their
@@ -76,6 +95,7 @@ def up() -> None:
                 f"telemetry service: http://{telemetry.host}:{telemetry.port}  (POST /ingest)"
             )
             typer.echo(f"main app:          http://{main_app.host}:{main_app.port}  (/docs)")
+            typer.echo(f"try it:  {sample_curl(telemetry.host, telemetry.port)}")
             typer.echo("Ctrl-C stops everything.")
             asyncio.run(serve_until_signalled(servers))
     except (SettingsError, EmbeddedDbError) as exc:
@@ -84,4 +104,5 @@ def up() -> None:
 
 
 def main() -> None:
+    configure_logging()
     cli()

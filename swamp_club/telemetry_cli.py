@@ -53,3 +53,46 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
             typer.echo(line)
         typer.echo(f"{len(drift)} username(s) drifted" if drift else "no drift")
     raise typer.Exit(1 if drift else 0)
+
+
+@telemetry_cli.command("backfill")
+def backfill(
+    status: bool = typer.Option(False, "--status", help="Show the backfill's state and exit."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Count the projections that would change; write nothing."
+    ),
+    rerun: bool = typer.Option(
+        False, "--rerun", help="Forget the marker and run the whole backfill again, now."
+    ),
+) -> None:
+    """The one-time username_metrics backfill (runs by itself at service start-up)."""
+    from telemetry_service.backfill import Backfill
+    from telemetry_service.main import open_runtime
+    from telemetry_service.projection.verify import find_drift
+
+    if sum((status, dry_run, rerun)) > 1:
+        typer.secho("error: choose one of --status, --dry-run, --rerun", err=True)
+        raise typer.Exit(2)
+
+    async def main() -> str:
+        runtime = await open_runtime(settings_or_exit(TelemetrySettings))
+        job = Backfill(runtime)
+        try:
+            if status:
+                marker = await job.status()
+                return json.dumps({k: v for k, v in marker.items() if k != "_id"}, default=str)
+            if dry_run:
+                drift = await find_drift(runtime.db)
+                return f"{len(drift)} projection(s) would change"
+            if rerun:
+                await job.reset()
+            ran = await job.run_if_needed()
+            marker = await job.status()
+            verb = "ran" if ran else "did not run (done, or another replica holds the lease)"
+            return (
+                f"backfill {verb}: {marker.get('status')}, {marker.get('usernames', 0)} usernames"
+            )
+        finally:
+            await runtime.client.close()
+
+    typer.echo(asyncio.run(main()))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 EVENTS: Final = "events"  # raw events as ingested; _id = the event id (I2)
@@ -20,6 +23,31 @@ MIGRATIONS: Final = "migrations"
 UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 Database = AsyncDatabase[dict[str, Any]]
+
+#: Ids per $in query. Bounded so that no single statement grows with a batch: the embedded
+#: server's $in cost is superlinear in the list (0.09 ms/id at 50 ids, 0.4 at 500) and a
+#: 15,000-id $in outlived its transaction; on mongod it keeps each command's size bounded.
+MAX_IN_IDS: Final = 500
+
+
+async def find_by_ids(
+    collection: AsyncCollection[dict[str, Any]],
+    ids: Iterable[Any],
+    *,
+    projection: dict[str, Any] | None = None,
+    session: AsyncClientSession | None = None,
+) -> dict[Any, dict[str, Any]]:
+    """Documents by _id, in bounded $in chunks, each one round trip (no getMore)."""
+    wanted = sorted(set(ids))
+    found: dict[Any, dict[str, Any]] = {}
+    for start in range(0, len(wanted), MAX_IN_IDS):
+        chunk = wanted[start : start + MAX_IN_IDS]
+        cursor = collection.find(
+            {"_id": {"$in": chunk}}, projection, session=session, batch_size=len(chunk)
+        )
+        async for document in cursor:
+            found[document["_id"]] = document
+    return found
 
 
 async def ensure_indexes(db: Database) -> None:

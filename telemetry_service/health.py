@@ -2,10 +2,13 @@
 
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
+from shared_contracts.observability import metrics_response
+from shared_contracts.queue.metrics import update_queue_gauges
+from telemetry_service.backfill import Backfill
 from telemetry_service.deps import RuntimeDep
 
 router = APIRouter(tags=["operations"])
@@ -18,10 +21,33 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
-    """Ready for traffic: the database answers."""
+async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
+    """Ready for traffic: the database answers (indexes were ensured at start-up), the workers
+    run (when this process runs them); the backfill's state is reported, not required."""
     try:
         await runtime.client.admin.command("ping")
+        backfill = await Backfill(runtime).status()
     except PyMongoError as exc:
         return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
-    return {"status": "ready", "database": "ok"}
+    workers = request.app.state.workers
+    body = {
+        "status": "ready",
+        "database": "ok",
+        "workers": "off" if workers is None else "alive" if workers.alive else "dead",
+        "backfill": {
+            "status": backfill.get("status"),
+            "usernames": backfill.get("usernames", 0),
+            "lastUsername": backfill.get("lastUsername"),
+        },
+    }
+    if body["workers"] == "dead":
+        return JSONResponse({**body, "status": "unavailable"}, status_code=503)
+    return body
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics: requests, ingest and queue counters, queue depth and age, lags."""
+    return await metrics_response(
+        lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
+    )

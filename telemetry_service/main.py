@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shared_contracts.mongo import make_client
+from shared_contracts.observability import install_observability
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from telemetry_service import health
@@ -52,6 +53,7 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
 
     app = FastAPI(title="swamp-club telemetry", lifespan=lifespan)
     install_error_handlers(app)
+    install_observability(app, service="telemetry")
     app.include_router(health.router)
     app.include_router(ingest_router)
     app.include_router(stats_router)

@@ -24,6 +24,14 @@ class TelemetrySettings(BusSettings):
     command_poll_interval_seconds: float = Field(
         default=30.0, alias="COMMAND_POLL_INTERVAL_SECONDS", gt=0
     )
+    backfill_batch_size: int = Field(default=500, alias="BACKFILL_BATCH_SIZE", ge=1, le=10_000)
+    backfill_lease_seconds: float = Field(default=60.0, alias="BACKFILL_LEASE_SECONDS", gt=0)
+    backfill_progress_seconds: float = Field(default=5.0, alias="BACKFILL_PROGRESS_SECONDS", gt=0)
+    run_backfill: bool = Field(
+        default=True,
+        alias="TELEMETRY_RUN_BACKFILL",
+        description="Run the one-time username_metrics backfill at start-up (with the workers).",
+    )
     run_workers: bool = Field(
         default=True,
         alias="TELEMETRY_RUN_WORKERS",

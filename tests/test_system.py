@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -109,3 +110,88 @@ async def test_register_ingest_rename_and_the_score_follows(system: System) -> N
         ("swampier", score_before["canonicalScore"])
     ]
     assert await find_drift(system.telemetry_runtime.db) == []
+
+
+async def seed_dormant(mongo_client: Any, telemetry: TelemetrySettings, app: AppSettings) -> None:
+    """The state #501 left behind: a projection that misses the user's anonymous history (or
+    was corrected without a re-score), and a UserScore nobody will ever refresh."""
+    from tests.telemetry.test_backfill import bucket
+
+    tdb, adb = mongo_client[telemetry.telemetry_db], mongo_client[app.app_db]
+    await tdb.user_metrics.insert_one(
+        {"_id": "old-laptop", "ownerUserId": "uid-dormant", "anon": bucket(9), "userIds": []}
+    )
+    await tdb.identity_map.insert_one(
+        {"_id": "dormant", "userId": "uid-dormant", "distinctIds": ["old-laptop"]}
+    )
+    await tdb.known_users.insert_one({"_id": "uid-dormant", "username": "dormant"})
+    await tdb.username_metrics.insert_one(
+        {"_id": "dormant", "userId": "uid-dormant", "totalInvocations": 0, "projectionVersion": 3}
+    )
+    await adb.users.insert_one({"_id": "uid-dormant", "username": "dormant", "renameSeq": 0})
+    await adb.user_scores.insert_one(
+        {
+            "_id": "uid-dormant",
+            "username": "dormant",
+            "canonicalScore": 0.0,
+            "activityScore": 0.0,
+            "scoreSources": {"activity": 0.0},
+            "scoreHistory": [],
+            "sourceVersion": 3,
+            "updatedAt": datetime.now(UTC),
+        }
+    )
+
+
+async def test_501_dormant_active_and_on_bind_users_all_converge(
+    mongo_client: Any, telemetry_settings: TelemetrySettings, app_settings: AppSettings
+) -> None:
+    await seed_dormant(mongo_client, telemetry_settings, app_settings)
+    telemetry_app = create_telemetry_app(
+        telemetry_settings.model_copy(update={**FAST, "command_poll_interval_seconds": 0.2})
+    )
+    main_app = create_main_app(app_settings.model_copy(update=FAST))
+    async with asgi_client(telemetry_app) as telemetry, asgi_client(main_app) as app:
+        system = System(telemetry, app, telemetry_app.state.runtime)
+        # Active cohort: registers and sends events. On-bind cohort: anonymous history first.
+        active = (await app.post("/v1/users", json={"username": "active"})).json()
+        binder = (await app.post("/v1/users", json={"username": "binder"})).json()
+        await telemetry.post("/ingest", json={"events": [cli_event("bind-dev") for _ in range(4)]})
+
+        async def keys_known() -> bool:
+            responses = [
+                await telemetry.post("/ingest", json=cli_event(device), headers={"x-api-key": key})
+                for device, key in (("act-dev", active["apiKey"]), ("bind-dev", binder["apiKey"]))
+            ]
+            return all(r.status_code == 202 for r in responses)
+
+        await eventually(keys_known, within=30, interval=0.2)
+
+        async def converged(username: str, invocations: int) -> bool:
+            stats = await system.stats(username)
+            if stats.status_code != 200 or stats.json()["totalInvocations"] != invocations:
+                return False
+            score = await system.score(username)
+            return score is not None and score["sourceVersion"] == stats.json()["projectionVersion"]
+
+        for username, invocations in (("dormant", 9), ("active", 1), ("binder", 5)):
+            await eventually(lambda u=username, n=invocations: converged(u, n), within=60)
+
+        from swamp_app.scores.scoring import canonical_score, score_sources
+
+        dormant_stats = (await system.stats("dormant")).json()
+        dormant = await system.score("dormant")
+        assert dormant is not None
+        assert dormant["canonicalScore"] == canonical_score(score_sources(dormant_stats)) > 0
+        assert [h["reason"] for h in dormant["scoreHistory"]] == ["backfill"]
+        binder_score = await system.score("binder")
+        assert binder_score is not None
+        assert "binding" in {h["reason"] for h in binder_score["scoreHistory"]}
+        for username in ("dormant", "active", "binder"):
+            score = await system.score(username)
+            assert score is not None
+            applied = [h["projectionVersion"] for h in score["scoreHistory"]]
+            assert len(applied) == len(set(applied)), "a projection version applied twice"
+        marker = await system.telemetry_runtime.db.migrations.find_one()
+        assert marker["status"] == "done"
+        assert await find_drift(system.telemetry_runtime.db) == []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ScoreRefresh
@@ -15,6 +16,11 @@ from swamp_app.scores.repository import apply_refresh
 log = logging.getLogger(__name__)
 
 REFRESHES = Counter("swamp_score_refreshes_total", "score_refresh messages by outcome", ["outcome"])
+REFRESH_LAG = Histogram(
+    "swamp_refresh_lag_seconds",
+    "From the newest event's receipt at telemetry to its score being applied here",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
 
 
 def score_refresh_consumer(runtime: AppRuntime, *, worker: str | None = None) -> Consumer:
@@ -36,6 +42,9 @@ def score_refresh_consumer(runtime: AppRuntime, *, worker: str | None = None) ->
         async with runtime.client.start_session() as session:
             await session.with_transaction(apply_and_ack)
         REFRESHES.labels(outcome).inc()
+        received = refresh.snapshot.get("lastEventReceivedAt")
+        if outcome == "applied" and isinstance(received, datetime):
+            REFRESH_LAG.observe(max(0.0, (datetime.now(UTC) - received).total_seconds()))
         if outcome == "unknown_username":
             # Renamed (or never registered) meanwhile: the new name gets its own refresh.
             log.info("score_refresh for unknown username %s acknowledged", refresh.username)

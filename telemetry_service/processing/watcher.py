@@ -29,7 +29,13 @@ from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
 from telemetry_service import counters
-from telemetry_service.collections import EVENTS, IDENTITY_MAP, KNOWN_USERS, USER_METRICS
+from telemetry_service.collections import (
+    EVENTS,
+    IDENTITY_MAP,
+    KNOWN_USERS,
+    USER_METRICS,
+    find_by_ids,
+)
 from telemetry_service.ingest.schemas import CliEvent
 from telemetry_service.processing.buckets import (
     BucketDelta,
@@ -189,20 +195,16 @@ class IngestWatcher:
         self, session: AsyncClientSession, token: str, batch: list[StoredEvent]
     ) -> None:
         db = self.runtime.db
-        devices = {
-            d["_id"]: d
-            async for d in db[USER_METRICS].find(
-                {"_id": {"$in": sorted({e.device for e in batch})}},
-                {"ownerUserId": 1},
-                session=session,
-            )
-        }
+        devices = await find_by_ids(
+            db[USER_METRICS],
+            {e.device for e in batch},
+            projection={"ownerUserId": 1},
+            session=session,
+        )
         owners = assign_owners(batch, devices)
         user_ids = {e.user_id for e in batch if e.user_id} | set(owners.values())
-        usernames = {
-            u["_id"]: u["username"]
-            async for u in db[KNOWN_USERS].find({"_id": {"$in": sorted(user_ids)}}, session=session)
-        }
+        known = await find_by_ids(db[KNOWN_USERS], user_ids, session=session)
+        usernames = {user_id: str(user["username"]) for user_id, user in known.items()}
         new_owners = {d: u for d, u in owners.items() if not devices.get(d, {}).get("ownerUserId")}
         await db[USER_METRICS].bulk_write(
             device_updates(batch, new_owners), ordered=False, session=session
@@ -231,7 +233,13 @@ class IngestWatcher:
             name: "binding" if uid in bound_users else "ingest"
             for name, (uid, _) in bindings.items()
         }
-        await write_projections(db=db, refreshes=self.refreshes, reasons=reasons, session=session)
+        await write_projections(
+            db=db,
+            refreshes=self.refreshes,
+            reasons=reasons,
+            session=session,
+            events_received_at=max(e.received_at for e in batch),
+        )
         failpoints.hit(BEFORE_MARK_PROCESSED)
 
         marked = await self.events.update_many(

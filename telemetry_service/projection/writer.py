@@ -19,7 +19,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from shared_contracts.messages import RefreshReason, ScoreRefresh
 from shared_contracts.queue.engine import Queue
 from telemetry_service import counters
-from telemetry_service.collections import IDENTITY_MAP, USER_METRICS, USERNAME_METRICS
+from telemetry_service.collections import (
+    IDENTITY_MAP,
+    USER_METRICS,
+    USERNAME_METRICS,
+    find_by_ids,
+)
 from telemetry_service.projection.fold import fold
 
 Database = AsyncDatabase[dict[str, Any]]
@@ -40,17 +45,17 @@ class ProjectionInputs:
 
 
 async def load_inputs(
-    db: Database, usernames: list[str], *, session: Session = None
+    db: Database,
+    usernames: list[str],
+    *,
+    session: Session = None,
+    entries: dict[str, dict[str, Any]] | None = None,
 ) -> ProjectionInputs:
-    entries = {
-        entry["_id"]: entry
-        async for entry in db[IDENTITY_MAP].find({"_id": {"$in": usernames}}, session=session)
-    }
-    device_ids = sorted({d for entry in entries.values() for d in entry.get("distinctIds", [])})
-    devices = {
-        device["_id"]: device
-        async for device in db[USER_METRICS].find({"_id": {"$in": device_ids}}, session=session)
-    }
+    """Identity entries (unless the caller already read them) and all their devices."""
+    if entries is None:
+        entries = await find_by_ids(db[IDENTITY_MAP], usernames, session=session)
+    device_ids = {d for entry in entries.values() for d in entry.get("distinctIds", [])}
+    devices = await find_by_ids(db[USER_METRICS], device_ids, session=session)
     return ProjectionInputs(entries=entries, devices=devices)
 
 
@@ -62,24 +67,25 @@ async def write_projections(
     session: Session,
     inputs: ProjectionInputs | None = None,
     version_floors: Mapping[str, int] | None = None,
+    events_received_at: datetime | None = None,
 ) -> int:
     """Recompute and write the projection of each username, publishing each one's refresh.
 
     Usernames without an identity entry have nothing to project and are skipped.
     ``version_floors`` keeps versions monotonic per user across a rename: the new name's first
     projection must be newer than anything the app applied under the old name (I9).
+    ``events_received_at`` (the newest event behind an ingest write) lets the app measure the
+    lag from event receipt to score applied.
     Returns the number of projections written.
     """
     usernames = sorted(reasons)
     if not usernames:
         return 0
     inputs = inputs or await load_inputs(db, usernames, session=session)
-    versions = {
-        doc["_id"]: int(doc.get("projectionVersion", 0))
-        async for doc in db[USERNAME_METRICS].find(
-            {"_id": {"$in": usernames}}, projection={"projectionVersion": 1}, session=session
-        )
-    }
+    stored = await find_by_ids(
+        db[USERNAME_METRICS], usernames, projection={"projectionVersion": 1}, session=session
+    )
+    versions = {u: int(doc.get("projectionVersion", 0)) for u, doc in stored.items()}
     now = datetime.now(UTC)
     writes: list[ReplaceOne[dict[str, Any]]] = []
     messages: list[ScoreRefresh] = []
@@ -94,6 +100,8 @@ async def write_projections(
             "projectionVersion": version,
             "updatedAt": now,
         }
+        if events_received_at is not None:
+            projection["lastEventReceivedAt"] = events_received_at
         writes.append(ReplaceOne({"_id": username}, projection, upsert=True))
         snapshot = {k: v for k, v in projection.items() if k != "_id"} | {"username": username}
         messages.append(

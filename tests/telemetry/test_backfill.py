@@ -1,0 +1,180 @@
+"""The one-time backfill (#501, I7): corrects projections AND re-scores, resumes, runs once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from shared_contracts import failpoints
+from telemetry_service.backfill import AFTER_BATCH, MARKER, Backfill
+from telemetry_service.collections import IDENTITY_MAP, MIGRATIONS, USER_METRICS, USERNAME_METRICS
+from telemetry_service.projection.verify import find_drift
+from telemetry_service.runtime import TelemetryRuntime
+from tests.support import DbNames
+from tests.telemetry.conftest import Telemetry
+
+STALE_VERSION = 3
+
+
+@pytest.fixture(autouse=True)
+def no_failpoints() -> Iterator[None]:
+    yield
+    failpoints.disarm()
+
+
+def bucket(invocations: int) -> dict[str, object]:
+    seen = datetime(2026, 3, 1, tzinfo=UTC)
+    return {
+        "invocations": invocations,
+        "successCount": invocations,
+        "commandCounts": {"model": invocations},
+        "activeDays": ["2026-03-01"],
+        "firstSeenAt": seen,
+        "lastSeenAt": seen,
+    }
+
+
+async def seed_dormant_users(runtime: TelemetryRuntime, count: int) -> list[str]:
+    """Users whose devices hold anonymous history the stored projection never counted."""
+    db = runtime.db
+    usernames = [f"dormant-{i:02d}" for i in range(count)]
+    for i, username in enumerate(usernames):
+        user_id = f"uid{i}"
+        devices = [f"{username}-laptop", f"{username}-desk"]
+        await db[USER_METRICS].insert_many(
+            [
+                {"_id": devices[0], "ownerUserId": user_id, "anon": bucket(4), "userIds": []},
+                {
+                    "_id": devices[1],
+                    "ownerUserId": user_id,
+                    "anon": bucket(1),
+                    "users": {user_id: bucket(2)},
+                    "userIds": [user_id],
+                },
+            ]
+        )
+        await db[IDENTITY_MAP].insert_one(
+            {"_id": username, "userId": user_id, "distinctIds": devices}
+        )
+        await db[USERNAME_METRICS].insert_one(
+            {
+                "_id": username,
+                "userId": user_id,
+                "totalInvocations": 2,
+                "projectionVersion": STALE_VERSION,
+            }
+        )
+    return usernames
+
+
+def quick(runtime: TelemetryRuntime, batch: int = 5) -> TelemetryRuntime:
+    settings = runtime.settings.model_copy(
+        update={"backfill_batch_size": batch, "backfill_lease_seconds": 0.3}
+    )
+    return TelemetryRuntime(settings=settings, client=runtime.client)
+
+
+async def versions(runtime: TelemetryRuntime) -> dict[str, int]:
+    return {
+        d["_id"]: d["projectionVersion"]
+        async for d in runtime.db[USERNAME_METRICS].find({}, {"projectionVersion": 1})
+    }
+
+
+async def backfill_refreshes(runtime: TelemetryRuntime) -> dict[str, int]:
+    found: dict[str, int] = {}
+    async for message in runtime.refreshes.collection.find({"reason": "backfill"}):
+        found[message["username"]] = message["projectionVersion"]
+    return found
+
+
+async def test_the_backfill_corrects_every_projection_and_publishes_its_refresh(
+    telemetry: Telemetry,
+) -> None:
+    runtime = quick(telemetry.runtime)
+    usernames = await seed_dormant_users(runtime, 12)
+    assert len(await find_drift(runtime.db)) == 12
+    assert await Backfill(runtime).run_if_needed()
+    assert await find_drift(runtime.db) == []
+    assert (await telemetry.stats("dormant-00"))["totalInvocations"] == 4 + 1 + 2
+    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    assert await backfill_refreshes(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
+    assert (marker["status"], marker["usernames"], marker["batches"]) == ("done", 12, 3)
+
+
+async def test_a_crash_after_two_batches_resumes_at_the_third(telemetry: Telemetry) -> None:
+    runtime = quick(telemetry.runtime)
+    usernames = await seed_dormant_users(runtime, 12)
+    failpoints.arm(AFTER_BATCH, skip=1, times=1)  # the second batch commits, then the crash
+    with pytest.raises(failpoints.FailpointError):
+        await Backfill(runtime, owner="crashed").run_if_needed()
+    marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
+    assert (marker["status"], marker["lastUsername"], marker["batches"]) == (
+        "running",
+        usernames[9],
+        2,
+    )
+    assert not await Backfill(runtime, owner="too-early").run_if_needed()  # lease still held
+    await asyncio.sleep(0.4)  # the crashed replica's lease expires
+    assert await Backfill(runtime, owner="restarted").run_if_needed()
+    marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
+    assert (marker["status"], marker["batches"], marker["usernames"]) == ("done", 3, 12)
+    # One projection write per username: no batch was redone.
+    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    assert await backfill_refreshes(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+
+
+async def test_after_completion_it_does_not_run_again(telemetry: Telemetry) -> None:
+    runtime = quick(telemetry.runtime)
+    usernames = await seed_dormant_users(runtime, 3)
+    assert await Backfill(runtime).run_if_needed()
+    assert not await Backfill(runtime).run_if_needed()
+    await Backfill(runtime).run_in_background()  # returns at once: the marker is done
+    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+
+
+async def test_two_replicas_starting_together_run_it_once(telemetry: Telemetry) -> None:
+    runtime = quick(telemetry.runtime)
+    runtime = TelemetryRuntime(
+        settings=runtime.settings.model_copy(update={"backfill_lease_seconds": 30}),
+        client=runtime.client,
+    )
+    usernames = await seed_dormant_users(runtime, 6)
+    ran = await asyncio.gather(Backfill(runtime).run_if_needed(), Backfill(runtime).run_if_needed())
+    assert sorted(ran) == [False, True]
+    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+
+
+async def test_the_operator_commands(
+    telemetry: Telemetry, mongo_uri: str, db_names: DbNames
+) -> None:
+    await seed_dormant_users(telemetry.runtime, 4)
+    env = {
+        **os.environ,
+        "MONGODB_URI": mongo_uri,
+        "TELEMETRY_DB": db_names.telemetry,
+        "BUS_DB": db_names.bus,
+    }
+
+    async def swamp_club(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "swamp-club"), "telemetry", "backfill", *args,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        return process.returncode or 0, output.decode().strip()
+
+    assert await swamp_club("--dry-run") == (0, "4 projection(s) would change")
+    assert (await swamp_club("--status"))[1] == '{"status": "pending"}'
+    assert await swamp_club() == (0, "backfill ran: done, 4 usernames")
+    assert await swamp_club("--dry-run") == (0, "0 projection(s) would change")
+    assert (await swamp_club())[1].startswith("backfill did not run")
+    assert await swamp_club("--rerun") == (0, "backfill ran: done, 4 usernames")
+    assert (await swamp_club("--status", "--rerun"))[0] == 2
