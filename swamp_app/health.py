@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
@@ -20,13 +20,19 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
-    """Ready for traffic: the database answers."""
+async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
+    """Ready for traffic: the database answers (indexes were ensured at start-up) and the
+    score-refresh consumer runs (when this process runs it)."""
     try:
         await runtime.client.admin.command("ping")
     except PyMongoError as exc:
         return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
-    return {"status": "ready", "database": "ok"}
+    workers = request.app.state.workers
+    state = "off" if workers is None else "alive" if workers.alive else "dead"
+    body = {"status": "ready", "database": "ok", "workers": state}
+    if state == "dead":
+        return JSONResponse({**body, "status": "unavailable"}, status_code=503)
+    return body
 
 
 @router.get("/metrics", response_class=Response)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -161,3 +162,13 @@ async def test_two_users_racing_for_one_name_exactly_one_wins(app: App) -> None:
     assert sorted(r.status_code for r in responses) == [200, 409]
     assert await app.runtime.db[USERS].count_documents({"username": "prize"}) == 1
     assert len(await app.commands("username_changed")) == 1
+
+
+async def test_no_api_key_ever_reaches_the_logs(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    user = await app.register("nina")
+    await app.http.get("/api/whoami", headers={"x-api-key": user["apiKey"]})
+    await app.http.post("/v1/users/me/api-keys", headers=bearer(user["apiKey"]))
+    await app.rename(user["apiKey"], "nina-b")
+    logged = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
+    assert user["apiKey"] not in logged

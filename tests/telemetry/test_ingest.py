@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+
+import pytest
 
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyRevoked
@@ -183,3 +186,19 @@ async def test_a_user_registered_after_its_events_gets_them(telemetry: Telemetry
     await telemetry.runtime.commands.publish(UserRegistered(userId=user_id, username="judy"))
     await telemetry.drain()
     assert (await telemetry.stats("judy"))["totalInvocations"] == 1
+
+
+async def test_no_api_key_ever_reaches_the_logs(
+    telemetry: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _, key = await telemetry.register("kim")
+    await telemetry.post(cli_event("k-dev"), key)
+    await telemetry.http.post(
+        "/ingest", json=cli_event("k-dev"), headers={"Authorization": f"Bearer {key}"}
+    )
+    await telemetry.post(cli_event("k-dev"), "swamp_wrong-key-value")
+    await telemetry.drain()
+    logged = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
+    assert key not in logged
+    assert "swamp_wrong-key-value" not in logged
