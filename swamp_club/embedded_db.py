@@ -8,6 +8,7 @@ and talk to it over the wire like any MongoDB. Used by ``swamp-club up`` and by 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,16 @@ MEMORY = ":memory:"
 
 class EmbeddedDbError(RuntimeError):
     """The embedded server is missing or did not become ready."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: if `swamp-club up` dies hard (SIGKILL, crash), the kernel
+    stops the database too instead of leaving it holding the port and the data directory."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,7 +84,9 @@ class EmbeddedDb:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         command = [find_executable(), "--host", self.host, "--port", str(self.port)]
         command += ["--storage-path", self.storage_path, "--log-level", "WARNING"]
-        self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         self._wait_until_ready()
         return self.uri
 

@@ -1,0 +1,263 @@
+"""Crash matrix: a real `swamp-club up` hard-exits (os._exit) at each failpoint, restarts, drains.
+
+After each: every accepted event counted exactly once (I2), `telemetry verify` clean (I4),
+every score at its projection's version (I1, I9), no queue message left active.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pymongo import MongoClient
+
+from swamp_club.embedded_db import free_port
+from tests.support import DbNames
+from tests.telemetry.conftest import cli_event
+from tests.telemetry.test_backfill import bucket
+from tests.test_cli_up import stop, wait_ready
+from tests.test_end_to_end import FAST, wait_for
+
+EXECUTABLE = str(Path(sys.executable).parent / "swamp-club")
+CRASH_EXIT_CODE = 77
+
+
+class Up:
+    def __init__(self, mongo_uri: str, names: DbNames, failpoint: str | None = None) -> None:
+        self.ports = {"telemetry": free_port(), "app": free_port()}
+        self.env = {
+            **os.environ,
+            **FAST,
+            "MONGODB_URI": mongo_uri,
+            "TELEMETRY_DB": names.telemetry,
+            "APP_DB": names.app,
+            "BUS_DB": names.bus,
+            "TELEMETRY_PORT": str(self.ports["telemetry"]),
+            "APP_PORT": str(self.ports["app"]),
+            "BACKFILL_BATCH_SIZE": "5",
+            # A crashed process's claims are retried after their leases: keep them short here.
+            "INGEST_LEASE_SECONDS": "2",
+            "QUEUE_LEASE_SECONDS": "2",
+            "BACKFILL_LEASE_SECONDS": "2",
+        }
+        if failpoint:
+            self.env["SWAMP_FAILPOINTS"] = f"{failpoint}=exit"
+        self.process = subprocess.Popen(
+            [EXECUTABLE, "up"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.telemetry = f"http://127.0.0.1:{self.ports['telemetry']}"
+        self.app = f"http://127.0.0.1:{self.ports['app']}"
+        wait_ready(f"{self.telemetry}/healthz", self.process)
+        wait_ready(f"{self.app}/healthz", self.process)
+
+    def crashed(self) -> bool:
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            return False
+        return self.process.returncode == CRASH_EXIT_CODE
+
+    def ingest(self, body: Any, key: str | None = None) -> int:
+        try:
+            headers = {"x-api-key": key} if key else {}
+            return httpx.post(
+                f"{self.telemetry}/ingest", json=body, headers=headers, timeout=30
+            ).status_code
+        except httpx.TransportError:
+            return 0  # the process is gone: not accepted
+
+
+def settled(client: MongoClient[dict[str, Any]], names: DbNames) -> bool:
+    bus, tele = client[names.bus], client[names.telemetry]
+    busy = sum(
+        bus[q].count_documents({"status": {"$in": ["pending", "active"]}})
+        for q in ("swamp_club_events", "telemetry_commands")
+    )
+    marker = tele.migrations.find_one({"_id": "username_metrics_backfill"}) or {}
+    return (
+        busy == 0
+        and tele.events.count_documents({"processed": False}) == 0
+        and marker.get("status") == "done"
+    )
+
+
+def assert_invariants(
+    client: MongoClient[dict[str, Any]], names: DbNames, env: dict[str, str]
+) -> None:
+    verify = subprocess.run(
+        [EXECUTABLE, "telemetry", "verify"], env=env, capture_output=True, text=True, check=False
+    )
+    assert (verify.returncode, verify.stdout.strip()) == (0, "no drift"), verify.stdout
+    projections = {
+        p["_id"]: p["projectionVersion"] for p in client[names.telemetry].username_metrics.find()
+    }
+    for score in client[names.app].user_scores.find():
+        if score["username"] in projections:
+            assert score["sourceVersion"] == projections[score["username"]], score["username"]
+    for queue in ("swamp_club_events", "telemetry_commands"):
+        assert (
+            client[names.bus][queue].count_documents({"status": {"$in": ["active", "dead"]}}) == 0
+        )
+
+
+def register(up: Up, username: str) -> str:
+    key: str = httpx.post(f"{up.app}/v1/users", json={"username": username}).json()["apiKey"]
+    wait_for(lambda: up.ingest(cli_event("owned-dev"), key) == 202)  # owns the device
+    wait_for(
+        lambda: (
+            httpx.get(f"{up.telemetry}/v1/stats", params={"username": username})
+            .json()
+            .get("totalInvocations")
+            == 1
+        )
+    )
+    return key
+
+
+def crash_while_applying_events(mongo_uri: str, db_names: DbNames, failpoint: str) -> None:
+    first = Up(mongo_uri, db_names)
+    key = register(first, "crash-user")
+    stop(first.process)
+
+    crashing = Up(mongo_uri, db_names, failpoint)
+    batches = [
+        ({"events": [cli_event("owned-dev") for _ in range(25)]}, key),
+        ({"events": [cli_event("owned-dev") for _ in range(25)]}, None),
+    ]
+    unacknowledged = [(body, k) for body, k in batches if crashing.ingest(body, k) != 202]
+    assert len(unacknowledged) < len(batches)
+    assert crashing.crashed()
+
+    again = Up(mongo_uri, db_names)
+    try:
+        with MongoClient(mongo_uri, tz_aware=True) as client:
+            # As the CLI does: anything that got no 202 is sent again with the same ids.
+            for body, k in unacknowledged:
+                assert again.ingest(body, k) == 202
+            wait_for(lambda: settled(client, db_names))
+            stats = httpx.get(
+                f"{again.telemetry}/v1/stats", params={"username": "crash-user"}
+            ).json()
+            assert stats["totalInvocations"] == 1 + 50  # every event exactly once
+            assert_invariants(client, db_names, again.env)
+    finally:
+        stop(again.process)
+
+
+def crash_after_the_app_s_user_update(mongo_uri: str, db_names: DbNames) -> None:
+    crashing = Up(mongo_uri, db_names, "app.after_user_update")
+    key = register(crashing, "before-crash")
+    with pytest.raises(httpx.TransportError):
+        httpx.patch(f"{crashing.app}/v1/users/me", json={"username": "after-crash"},
+                    headers={"Authorization": f"Bearer {key}"}, timeout=30)  # fmt: skip
+    assert crashing.crashed()
+
+    again = Up(mongo_uri, db_names)
+    try:
+        with MongoClient(mongo_uri, tz_aware=True) as client:
+            app = client[db_names.app]
+            assert app.users.find_one({"username": "before-crash"}) is not None  # nothing committed
+            assert app.user_scores.find_one({"username": "before-crash"}) is not None
+            assert (
+                client[db_names.bus].telemetry_commands.count_documents(
+                    {"type": "username_changed"}
+                )
+                == 0
+            )
+            renamed = httpx.patch(
+                f"{again.app}/v1/users/me",
+                json={"username": "after-crash"},
+                headers={"Authorization": f"Bearer {key}"},
+                # The crashed rename's transaction holds the user until the server reaps it.
+                timeout=90,
+            )
+            assert renamed.status_code == 200
+            wait_for(
+                lambda: (
+                    httpx.get(
+                        f"{again.telemetry}/v1/stats", params={"username": "after-crash"}
+                    ).status_code
+                    == 200
+                )
+            )
+            wait_for(lambda: settled(client, db_names))
+            assert_invariants(client, db_names, again.env)
+    finally:
+        stop(again.process)
+
+
+def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> None:
+    with MongoClient(mongo_uri, tz_aware=True) as client:
+        tele = client[db_names.telemetry]
+        for i in range(12):
+            tele.user_metrics.insert_one(
+                {"_id": f"bf-dev-{i}", "ownerUserId": f"bf{i}", "anon": bucket(3)}
+            )
+            tele.identity_map.insert_one(
+                {"_id": f"bf-user-{i:02d}", "userId": f"bf{i}", "distinctIds": [f"bf-dev-{i}"]}
+            )
+            tele.username_metrics.insert_one(
+                {"_id": f"bf-user-{i:02d}", "userId": f"bf{i}", "projectionVersion": 3}
+            )
+        crashing = Up(mongo_uri, db_names, "backfill.after_batch")
+        assert crashing.crashed()
+        assert tele.migrations.find_one()["batches"] == 1
+        again = Up(mongo_uri, db_names)
+        try:
+            wait_for(lambda: settled(client, db_names))
+            versions = {p["projectionVersion"] for p in tele.username_metrics.find()}
+            assert versions == {4}  # one write per username: the committed batch was not redone
+            assert_invariants(client, db_names, again.env)
+        finally:
+            stop(again.process)
+
+
+SCENARIOS: dict[str, Callable[[str, DbNames], None]] = {
+    **{
+        point: functools.partial(crash_while_applying_events, failpoint=point)
+        for point in (
+            "ingest.after_metrics_write",
+            "ingest.before_mark_processed",
+            "ingest.before_commit",
+        )
+    },
+    "app.after_user_update": crash_after_the_app_s_user_update,
+    "backfill.after_batch": crash_in_the_middle_of_the_backfill,
+}
+
+
+def test_the_crash_matrix(mongo_uri: str) -> None:
+    """All failpoints at once, each with its own databases: a crash inside a transaction leaves
+    it open on the server until transactionLifetimeLimitSeconds (60 s), so run side by side the
+    waits overlap instead of adding up."""
+    names = {point: DbNames.unique() for point in SCENARIOS}
+    failures = {}
+    try:
+        with ThreadPoolExecutor(max_workers=len(SCENARIOS)) as pool:
+            futures = {
+                point: pool.submit(scenario, mongo_uri, names[point])
+                for point, scenario in SCENARIOS.items()
+            }
+            for point, future in futures.items():
+                try:
+                    future.result()
+                except Exception as exc:  # collect every failing failpoint, not just the first
+                    failures[point] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with MongoClient(mongo_uri) as client:
+            for db_set in names.values():
+                for name in db_set.all():
+                    client.drop_database(name)
+    assert failures == {}
