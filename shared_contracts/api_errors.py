@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 
 class ApiError(Exception):
@@ -35,6 +37,40 @@ class Conflict(ApiError):
     status_code, code = 409, "conflict"
 
 
+class ErrorDetail(BaseModel):
+    loc: str
+    msg: str
+    index: int | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail]
+
+
+class ErrorBody(BaseModel):
+    """Every error response of both services."""
+
+    error: ErrorInfo
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request (invalid JSON, or HTTP the server refuses)",
+    401: "Missing, unknown or revoked API key",
+    404: "Not found",
+    409: "Conflict (the username is taken)",
+    413: "Body or batch too large",
+    422: "Invalid input; the details name each field",
+    503: "Not ready",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for a route's error statuses, all with the one error shape."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
 def error_body(code: str, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
 
@@ -45,6 +81,13 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(exc.code, exc.message, exc.details)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # The framework's own errors (a body that is not JSON, an unknown route, a wrong
+        # method) get the same shape as ours.
+        body = error_body(f"http_{exc.status_code}", str(exc.detail), [])
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

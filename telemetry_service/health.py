@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
+from shared_contracts.api_errors import error_responses
 from shared_contracts.observability import metrics_response
 from shared_contracts.queue.metrics import update_queue_gauges
 from telemetry_service.backfill import Backfill
@@ -20,7 +21,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=error_responses(503))
 async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSONResponse:
     """Ready for traffic: the database answers (indexes were ensured at start-up), the workers
     run (when this process runs them); the backfill's state is reported, not required."""

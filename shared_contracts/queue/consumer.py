@@ -114,10 +114,6 @@ class Consumer:
     def change_stream_active(self) -> bool:
         return self.wakeup.active
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def _claim_forever(self) -> None:
         slots = asyncio.Semaphore(self.config.concurrency)
         while not self._stopping.is_set():

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from shared_contracts.api_errors import error_responses
 from swamp_app.deps import RuntimeDep
 from swamp_app.errors import NotFound
 from swamp_app.scores.repository import leaderboard, read_score
@@ -15,7 +16,9 @@ from swamp_app.usernames import Username
 router = APIRouter(prefix="/v1", tags=["scores"])
 
 
-@router.get("/users/{username}/score", response_model=ScorePublic)
+@router.get(
+    "/users/{username}/score", response_model=ScorePublic, responses=error_responses(404, 422)
+)
 async def get_score(username: Username, runtime: RuntimeDep) -> ScorePublic:
     score = await read_score(runtime.db, username)
     if score is None:
@@ -23,7 +26,7 @@ async def get_score(username: Username, runtime: RuntimeDep) -> ScorePublic:
     return ScorePublic.of(score)
 
 
-@router.get("/leaderboard", response_model=Leaderboard)
+@router.get("/leaderboard", response_model=Leaderboard, responses=error_responses(422))
 async def get_leaderboard(
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
 from pymongo.errors import BulkWriteError
 
+from shared_contracts.api_errors import error_responses
 from shared_contracts.keys import presented_key
 from telemetry_service import counters
 from telemetry_service.collections import EVENTS, UNCLAIMED
@@ -82,7 +83,12 @@ def validate(events: list[Any], is_batch: bool) -> list[CliEvent]:
     return parsed
 
 
-@router.post("/ingest", status_code=202, response_model=IngestAccepted)
+@router.post(
+    "/ingest",
+    status_code=202,
+    response_model=IngestAccepted,
+    responses=error_responses(400, 401, 413, 422),
+)
 async def ingest(
     request: Request,
     runtime: RuntimeDep,

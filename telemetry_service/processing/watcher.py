@@ -172,15 +172,15 @@ class IngestWatcher:
     async def _set_aside_exhausted(self, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Events that failed max attempts wait (kept, never counted) for an operator's retry."""
         limit = self.settings.queue_max_attempts
-        exhausted = [d["_id"] for d in documents if d.get("attempts", 0) > limit]
+        exhausted = {d["_id"] for d in documents if d.get("attempts", 0) > limit}
         if exhausted:
             await self.events.update_many(
-                {"_id": {"$in": exhausted}},
+                {"_id": {"$in": sorted(exhausted)}},
                 {"$set": {"leaseUntil": PARKED, "dead": True}, "$unset": {"claimToken": ""}},
             )
             counters.EVENTS_DEAD.inc(len(exhausted))
             log.error("%d events set aside after %d failed attempts", len(exhausted), limit)
-        return [d for d in documents if d["_id"] not in set(exhausted)]
+        return [d for d in documents if d["_id"] not in exhausted]
 
     async def _record_error(self, token: str, exc: BaseException) -> None:
         try:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from shared_contracts.api_errors import error_responses
 from shared_contracts.messages import USERNAME_PATTERN
 from telemetry_service.collections import USER_METRICS
 from telemetry_service.deps import RuntimeDep
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["stats"])
 @router.get(
     "/stats",
     response_model=UsernameStats | DeviceStats,
-    responses={404: {"description": "Unknown username or device"}},
+    responses=error_responses(404, 422),
 )
 async def stats(
     runtime: RuntimeDep,

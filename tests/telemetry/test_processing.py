@@ -133,3 +133,17 @@ def test_only_the_projection_writer_writes_username_metrics() -> None:
             if writes.search(match.group(0)):
                 offenders.append(f"{path.relative_to(ROOT)}: {match.group(0)}")
     assert offenders == []
+
+
+async def test_events_that_keep_failing_are_set_aside_not_lost(telemetry: Telemetry) -> None:
+    _, key = await telemetry.register("pete")
+    await telemetry.post({"events": [cli_event("p1"), cli_event("p1")]}, key)
+    events = telemetry.runtime.db[EVENTS]
+    poison = (await events.find_one({}))["_id"]
+    limit = telemetry.runtime.settings.queue_max_attempts
+    await events.update_one({"_id": poison}, {"$set": {"attempts": limit}})  # failed `limit` times
+    await telemetry.drain()
+    kept = await events.find_one({"_id": poison})
+    assert (kept["processed"], kept["dead"]) == (False, True)  # kept for an operator, not counted
+    assert (await telemetry.stats("pete"))["totalInvocations"] == 1
+    assert await telemetry.watcher.process_one_batch() == 0  # never claimed again
