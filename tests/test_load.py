@@ -77,7 +77,8 @@ async def test_load_then_conservation(telemetry_settings: TelemetrySettings) -> 
         async def drained() -> bool:
             return await runtime.db.events.count_documents({"processed": False}) == 0
 
-        await eventually(drained, within=300, interval=0.5)
+        # The backlog drains at the watcher's pace (hundreds of events/s on the embedded server).
+        await eventually(drained, within=120 + accepted / 50, interval=0.5)
         projected = sum([p["totalInvocations"] async for p in runtime.db.username_metrics.find()])
         unowned = sum(
             [
