@@ -7,6 +7,7 @@ and talk to it over the wire like any MongoDB. Used by ``swamp-club up`` and by 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -81,12 +82,17 @@ class EmbeddedDb:
     def start(self) -> str:
         if self.storage_path != MEMORY:
             Path(self.storage_path).mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         command = [find_executable(), "--host", self.host, "--port", str(self.port)]
         command += ["--storage-path", self.storage_path, "--log-level", "WARNING"]
-        self._process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
+        with contextlib.ExitStack() as stack:
+            # The child keeps its own copy of the log file; ours closes right after the start.
+            log = stack.enter_context(open(self.log_path, "ab")) if self.log_path else None
+            self._process = subprocess.Popen(
+                command,
+                stdout=log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         self._wait_until_ready()
         return self.uri
 
