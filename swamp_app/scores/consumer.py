@@ -9,6 +9,7 @@ from prometheus_client import Counter, Histogram
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ScoreRefresh
+from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.consumer import Consumer, Delivery
 from swamp_app.runtime import AppRuntime
 from swamp_app.scores.repository import apply_refresh
@@ -39,8 +40,7 @@ def score_refresh_consumer(runtime: AppRuntime, *, worker: str | None = None) ->
             )
             await delivery.ack(session=session)
 
-        async with runtime.client.start_session() as session:
-            await session.with_transaction(apply_and_ack)
+        await in_transaction(runtime.client, apply_and_ack)
         REFRESHES.labels(outcome).inc()
         received = refresh.snapshot.get("lastEventReceivedAt")
         if outcome == "applied" and isinstance(received, datetime):

@@ -11,6 +11,7 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, Message, UserRegistered
+from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.consumer import Consumer, Delivery
 from telemetry_service.collections import IDENTITY_MAP, KNOWN_KEYS, KNOWN_USERS, USER_METRICS
 from telemetry_service.consumers.identity_migration import apply_username_changed
@@ -97,7 +98,6 @@ def command_consumer(runtime: TelemetryRuntime, *, worker: str | None = None) ->
             await handler(runtime, session, message)
             await delivery.ack(session=session)
 
-        async with runtime.client.start_session() as session:
-            await session.with_transaction(effects_and_ack)
+        await in_transaction(runtime.client, effects_and_ack)
 
     return Consumer(runtime.commands, handle, worker=worker)

@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 
 from shared_contracts import failpoints
 from shared_contracts.messages import RefreshReason
+from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
@@ -153,8 +154,7 @@ class IngestWatcher:
             await self.apply_batch(session, token, batch)
 
         try:
-            async with self.runtime.client.start_session() as session:
-                await session.with_transaction(apply)
+            await in_transaction(self.runtime.client, apply)
         except LeaseLost:
             counters.BATCHES.labels("lease_lost").inc()
             log.warning(
