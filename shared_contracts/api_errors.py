@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 
 class ApiError(Exception):
@@ -57,7 +58,8 @@ class ErrorBody(BaseModel):
 
 _DESCRIPTIONS = {
     400: "Malformed request (invalid JSON, or HTTP the server refuses)",
-    401: "Missing, unknown or revoked API key",
+    401: "Missing or invalid credentials (API key, or the admin token on /admin)",
+    403: "The admin API is off (ADMIN_TOKEN is not set)",
     404: "Not found",
     409: "Conflict (the username is taken)",
     413: "Body or batch too large",
@@ -75,6 +77,22 @@ def error_body(code: str, message: str, details: list[dict[str, Any]]) -> dict[s
     return {"error": {"code": code, "message": message, "details": details}}
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the path supports. Starlette's 405 names only the first route that matched
+    the path, which is wrong when one path has several routes (PATCH and DELETE /v1/users/me).
+    Asked through each route's public ``matches``, as the router itself would route them."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL
+               for route in routes)
+    ]  # fmt: skip
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -87,7 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
         # The framework's own errors (a body that is not JSON, an unknown route, a wrong
         # method) get the same shape as ours.
         body = error_body(f"http_{exc.status_code}", str(exc.detail), [])
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

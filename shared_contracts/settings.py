@@ -6,7 +6,7 @@ settings name the other's database.
 
 from typing import Any, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared_contracts.queue.config import QueueConfig
@@ -38,6 +38,20 @@ class BusSettings(BaseSettings):
         default=7 * 24 * 3600, alias="QUEUE_DONE_RETENTION_SECONDS", ge=60
     )
     queue_change_streams: bool = Field(default=True, alias="QUEUE_CHANGE_STREAMS")
+    admin_token: SecretStr | None = Field(
+        default=None,
+        alias="ADMIN_TOKEN",
+        description="Bearer token of the /admin endpoints; unset or empty turns them off.",
+    )
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _refuse_placeholder_token(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # compose passes ${ADMIN_TOKEN:-}: empty means "no admin API"
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        refuse_placeholder_secret(text)
+        return value
 
     def queue_config(self, **overrides: Any) -> QueueConfig:
         """The queue engine's knobs, taken from these settings."""
@@ -53,6 +67,22 @@ class BusSettings(BaseSettings):
         }
         values.update(overrides)
         return QueueConfig(**values)
+
+
+#: Words that mark a secret copied from an example instead of generated.
+PLACEHOLDER_WORDS = ("changethis", "changeme", "placeholder", "example", "secret", "password")
+MIN_SECRET_LENGTH = 32
+
+
+def refuse_placeholder_secret(text: str) -> None:
+    """A secret must be long and look generated: an admin token that an attacker can guess
+    from our docs or the template we learnt from is worse than none."""
+    hint = "generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters; {hint}")
+    lowered = text.lower()
+    if any(word in lowered for word in PLACEHOLDER_WORDS) or len(set(text)) < 8:
+        raise ValueError(f"looks like a placeholder, not a generated secret; {hint}")
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -7,10 +7,13 @@ from typing import Any, Final
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 
-USERS: Final = "users"  # _id = userId; username unique
+USERS: Final = "users"  # _id = userId; username unique (kept by deleted users' tombstones)
 API_KEYS: Final = "api_keys"  # _id = key id; keyHash (SHA-256) unique; raw keys are never stored
 USER_SCORES: Final = "user_scores"  # _id = userId; username unique (re-keyed on rename)
 MIGRATIONS: Final = "migrations"
+
+#: A user that has not been deleted (deletion keeps a tombstone with ``deletedAt``).
+LIVE_USER: Final = {"deletedAt": None}
 
 
 async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:

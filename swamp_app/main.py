@@ -9,7 +9,7 @@ from shared_contracts.mongo import make_client
 from shared_contracts.observability import install_observability
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
-from swamp_app import health
+from swamp_app import admin, health
 from swamp_app.api_keys.router import router as api_keys_router
 from swamp_app.collections import ensure_indexes
 from swamp_app.errors import install_error_handlers
@@ -59,4 +59,6 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
     app.include_router(users_router)
     app.include_router(api_keys_router)
     app.include_router(scores_router)
+    app.include_router(admin.router)
+    app.include_router(admin.queue_router)
     return app

@@ -9,7 +9,7 @@ from shared_contracts.mongo import make_client
 from shared_contracts.observability import install_observability
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
-from telemetry_service import health
+from telemetry_service import admin, health
 from telemetry_service.collections import ensure_indexes
 from telemetry_service.errors import install_error_handlers
 from telemetry_service.ingest.router import router as ingest_router
@@ -57,4 +57,6 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(ingest_router)
     app.include_router(stats_router)
+    app.include_router(admin.router)
+    app.include_router(admin.queue_router)
     return app

@@ -39,9 +39,14 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     thread.join(timeout=30)
 
 
+#: The admin endpoints are fuzzed too, past their guard.
+ADMIN_TOKEN = "Zx8qL2vN5mK9pR3tW7yB1cF4hJ6gD0sA"
+
+
 def schemathesis_run(base: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [SCHEMATHESIS, "run", f"{base}/openapi.json", "--max-examples", "25", "--checks", "all",
+         "--header", f"Authorization: Bearer {ADMIN_TOKEN}",
          # Rules OpenAPI cannot express make some schema-valid requests invalid: "exactly one
          # of username and distinct_id", /ingest reading its raw body (size-limited, parsed by
          # hand). Every other check, including "never a 5xx", runs.
@@ -56,11 +61,18 @@ def test_generated_requests_never_break_the_contract(mongo_uri: str, service: st
     names = DbNames.unique()
     if service == "telemetry":
         app = create_telemetry_app(
-            TelemetrySettings(MONGODB_URI=mongo_uri, TELEMETRY_DB=names.telemetry, BUS_DB=names.bus)
+            TelemetrySettings(
+                MONGODB_URI=mongo_uri,
+                TELEMETRY_DB=names.telemetry,
+                BUS_DB=names.bus,
+                ADMIN_TOKEN=ADMIN_TOKEN,
+            )
         )
     else:
         app = create_main_app(
-            AppSettings(MONGODB_URI=mongo_uri, APP_DB=names.app, BUS_DB=names.bus)
+            AppSettings(
+                MONGODB_URI=mongo_uri, APP_DB=names.app, BUS_DB=names.bus, ADMIN_TOKEN=ADMIN_TOKEN
+            )
         )
     for base in serve_in_thread(app):
         result = schemathesis_run(base)

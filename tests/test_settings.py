@@ -48,3 +48,39 @@ def test_app_settings_name_no_telemetry_database() -> None:
     # I5: the app has no way to address telemetry's database.
     fields = {f.alias or name for name, f in AppSettings.model_fields.items()}
     assert not any("TELEMETRY" in field.upper() for field in fields)
+
+
+GOOD_TOKEN = "q3J9vX2mK8pL5tR7wY1zB4nC6dF0gH2j"
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        ("short-token", "at least 32 characters"),
+        ("changethis-changethis-changethis-x", "placeholder"),
+        ("my-admin-secret-for-production-use!", "placeholder"),
+        ("a" * 40, "placeholder"),
+    ],
+)
+def test_a_short_or_placeholder_admin_token_is_refused(
+    monkeypatch: pytest.MonkeyPatch, token: str, reason: str
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", token)
+    with pytest.raises(SettingsError) as raised:
+        load_settings(AppSettings)
+    message = str(raised.value)
+    assert message.startswith("invalid setting ADMIN_TOKEN:")
+    assert reason in message
+    assert token not in message  # the refused secret is not echoed into logs
+
+
+def test_an_empty_admin_token_turns_the_admin_api_off_and_a_good_one_is_kept_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", "")
+    assert load_settings(TelemetrySettings).admin_token is None
+    monkeypatch.setenv("ADMIN_TOKEN", GOOD_TOKEN)
+    settings = load_settings(TelemetrySettings)
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == GOOD_TOKEN
+    assert GOOD_TOKEN not in repr(settings)

@@ -112,6 +112,26 @@ async def test_register_ingest_rename_and_the_score_follows(system: System) -> N
     assert await find_drift(system.telemetry_runtime.db) == []
 
 
+async def test_ingest_rejects_the_keys_of_a_deleted_user(system: System) -> None:
+    user = (await system.app.post("/v1/users", json={"username": "leaver"})).json()
+    headers = {"x-api-key": user["apiKey"]}
+
+    async def ingest_answers(status: int) -> bool:
+        response = await system.telemetry.post("/ingest", json=cli_event("d1"), headers=headers)
+        return response.status_code == status
+
+    await eventually(lambda: ingest_answers(202), within=30, interval=0.2)
+    deleted = await system.app.delete("/v1/users/me", headers=headers)
+    assert deleted.status_code == 204
+
+    # The app revoked the key in the deletion's transaction and told telemetry; once the
+    # command is applied, ingest refuses the key.
+    await eventually(lambda: ingest_answers(401), within=30, interval=0.2)
+    rejected = await system.telemetry.post("/ingest", json=cli_event("d1"), headers=headers)
+    assert rejected.status_code == 401
+    assert rejected.json()["error"]["code"] == "unauthorized"
+
+
 async def seed_dormant(mongo_client: Any, telemetry: TelemetrySettings, app: AppSettings) -> None:
     """The state #501 left behind: a projection that misses the user's anonymous history (or
     was corrected without a re-score), and a UserScore nobody will ever refresh."""

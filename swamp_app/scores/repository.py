@@ -46,6 +46,12 @@ async def rekey_score(db: Database, *, user_id: str, username: str, session: Ses
     )
 
 
+async def delete_score(db: Database, *, user_id: str, session: Session) -> None:
+    """A deleted user's score goes; later refreshes for the name find no score and are
+    acknowledged as unknown."""
+    await db[USER_SCORES].delete_one({"_id": user_id}, session=session)
+
+
 async def apply_refresh(
     db: Database, refresh: ScoreRefresh, *, history_cap: int, session: Session
 ) -> Applied:

@@ -172,3 +172,18 @@ async def test_no_api_key_ever_reaches_the_logs(app: App, caplog: pytest.LogCapt
     await app.rename(user["apiKey"], "nina-b")
     logged = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
     assert user["apiKey"] not in logged
+
+
+async def test_a_wrong_method_names_every_method_of_the_path(app: App) -> None:
+    # Three routes share /v1/users/me; Starlette's own 405 would name only the first.
+    response = await app.http.put("/v1/users/me")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "DELETE, GET, PATCH"
+    assert response.json()["error"]["code"] == "http_405"
+
+
+async def test_get_me_is_the_signed_in_user_not_a_username(app: App) -> None:
+    user = await app.register("alice")
+    me = await app.http.get("/v1/users/me", headers=bearer(user["apiKey"]))
+    assert me.json() == {"id": user["id"], "username": "alice"}
+    assert (await app.http.get("/v1/users/me")).status_code == 401

@@ -1,0 +1,131 @@
+"""What both services' ``/admin`` endpoints share: the admin-token guard, and the operator's view
+of the queue the service consumes (``swamp-club queue`` over HTTP, for operators who hold the
+admin token but no database credentials).
+
+The token is ``ADMIN_TOKEN`` (settings refuse short or placeholder values). Unset, every admin
+endpoint answers 403 ``admin_disabled``: an admin API is something an operator turns on.
+"""
+
+# No `from __future__ import annotations`: the routes below use a dependency alias local to
+# queue_admin_router, which FastAPI could not resolve from a string annotation.
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from shared_contracts.api_errors import ApiError, Unauthorized, error_responses
+from shared_contracts.queue.admin import Collection, list_dead, queue_stats, retry_dead
+from shared_contracts.queue.engine import utcnow
+
+
+class AdminDisabled(ApiError):
+    status_code, code = 403, "admin_disabled"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+async def require_admin(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """401 unless ``Authorization: Bearer <ADMIN_TOKEN>``. Compared as SHA-256 digests in
+    constant time, so neither the token's content nor its length leaks through timing."""
+    expected: SecretStr | None = request.app.state.runtime.settings.admin_token
+    if expected is None:
+        raise AdminDisabled("the admin API is off: set ADMIN_TOKEN to turn it on")
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    matches = hmac.compare_digest(_digest(presented.strip()), _digest(expected.get_secret_value()))
+    if scheme.lower() != "bearer" or not matches:
+        raise Unauthorized("the admin API needs 'Authorization: Bearer <ADMIN_TOKEN>'")
+
+
+#: Router-level guard of every /admin route, and their documented error statuses.
+ADMIN_ONLY = [Depends(require_admin)]
+ADMIN_ERRORS = error_responses(401, 403)
+
+
+class QueueStats(BaseModel):
+    queue: str
+    byStatus: dict[str, int]
+    byType: dict[str, dict[str, int]]
+    oldestPendingAgeSeconds: float | None
+    dead: int
+
+
+class DeadLetter(BaseModel):
+    id: str
+    type: str | None
+    attempts: int | None
+    createdAt: datetime | None
+    updatedAt: datetime | None
+    lastError: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, document: dict[str, Any]) -> "DeadLetter":
+        def get(name: str, kind: type) -> Any:
+            value = document.get(name)  # dead documents may be garbage: keep only what fits
+            return value if isinstance(value, kind) else None
+
+        return cls(
+            id=str(document["_id"]),
+            type=get("type", str),
+            attempts=get("attempts", int),
+            createdAt=get("createdAt", datetime),
+            updatedAt=get("updatedAt", datetime),
+            lastError=get("lastError", dict),
+        )
+
+
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Dead messages to retry; omit to retry every dead message of this queue.",
+    )
+
+
+class RetryResult(BaseModel):
+    retried: int
+
+
+def queue_admin_router(queue_name: str) -> APIRouter:
+    """``/admin/queues/<queue_name>``: stats, dead letters and retry for one queue."""
+    router = APIRouter(
+        prefix=f"/admin/queues/{queue_name}",
+        tags=["admin"],
+        dependencies=ADMIN_ONLY,
+        responses=ADMIN_ERRORS,
+    )
+
+    def queue(request: Request) -> Collection:
+        runtime = request.app.state.runtime
+        collection: Collection = runtime.client[runtime.settings.bus_db][queue_name]
+        return collection
+
+    QueueDep = Annotated[Collection, Depends(queue)]
+
+    @router.get("", response_model=QueueStats)
+    async def stats(collection: QueueDep) -> QueueStats:
+        """Messages per status and type, the oldest pending message's age, dead letters."""
+        return QueueStats(**await queue_stats(collection, now=utcnow()))
+
+    @router.get("/dead", response_model=list[DeadLetter], responses=error_responses(422))
+    async def dead(
+        collection: QueueDep,
+        type_: Annotated[str | None, Query(alias="type", max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> list[DeadLetter]:
+        """Dead messages with their last error, newest first."""
+        return [DeadLetter.of(d) for d in await list_dead(collection, type_=type_, limit=limit)]
+
+    @router.post("/dead/retry", response_model=RetryResult, responses=error_responses(400, 422))
+    async def retry(body: RetryRequest, collection: QueueDep) -> RetryResult:
+        """Dead messages back to pending with a fresh attempt budget (lastError is kept)."""
+        return RetryResult(retried=await retry_dead(collection, ids=body.ids, now=utcnow()))
+
+    return router
