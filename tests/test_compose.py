@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from swamp_app.settings import AppSettings
 from telemetry_service.settings import TelemetrySettings
 
 ROOT = Path(__file__).resolve().parent.parent
+SECRETS = ("MONGO_ROOT_PASSWORD", "TELEMETRY_DB_PASSWORD", "APP_DB_PASSWORD")
 
 
 def compose() -> dict[str, Any]:
@@ -73,11 +75,21 @@ def test_each_service_user_reaches_only_its_database_and_the_bus() -> None:
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
-def test_docker_compose_accepts_the_file() -> None:
-    result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+def test_docker_compose_accepts_the_file_and_refuses_to_run_without_secrets() -> None:
+    def config(secrets: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        # A clean environment: a developer's own variables must not satisfy the check.
+        return subprocess.run(
+            ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"PATH": os.environ["PATH"], **secrets},
+        )
+
+    secrets = {name: f"generated-{name.lower()}" for name in SECRETS}
+    accepted = config(secrets)
+    assert accepted.returncode == 0, accepted.stderr
+    for missing in SECRETS:
+        refused = config({k: v for k, v in secrets.items() if k != missing})
+        assert refused.returncode != 0
+        assert f"set {missing}" in refused.stderr
