@@ -1,16 +1,17 @@
 """Test-only failpoints: named places where a crash can be injected.
 
 Off unless armed: by ``arm(name)`` in a test, or by the ``SWAMP_FAILPOINTS`` environment
-variable (comma-separated ``name`` or ``name=exit`` for a hard process exit). ``hit(name)`` costs
-one set lookup when nothing is armed.
+variable (comma-separated ``name``, or ``name=kill`` for SIGKILL of the process itself).
+``hit(name)`` costs one set lookup when nothing is armed.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Literal
 
-Action = Literal["raise", "exit"]
+Action = Literal["raise", "kill"]
 
 
 class FailpointError(RuntimeError):
@@ -24,7 +25,7 @@ _skips: dict[str, int] = {}
 def _from_environment() -> None:
     for item in filter(None, os.environ.get("SWAMP_FAILPOINTS", "").split(",")):
         name, _, action = item.strip().partition("=")
-        _armed[name] = ("exit" if action == "exit" else "raise", -1)
+        _armed[name] = ("kill" if action == "kill" else "raise", -1)
 
 
 def arm(name: str, *, action: Action = "raise", times: int = -1, skip: int = 0) -> None:
@@ -53,8 +54,10 @@ def hit(name: str) -> None:
     if times == 0:
         return
     _armed[name] = (action, times - 1 if times > 0 else times)
-    if action == "exit":
-        os._exit(77)  # a hard crash: no finally blocks, no graceful shutdown
+    if action == "kill":
+        # A hard crash, as the kernel's OOM killer or a node failure would deliver it: no
+        # finally blocks, no graceful shutdown, open transactions left on the server.
+        os.kill(os.getpid(), signal.SIGKILL)
     raise FailpointError(f"failpoint {name}")
 
 

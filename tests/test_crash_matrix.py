@@ -1,4 +1,4 @@
-"""Crash matrix: a real `swamp-club up` hard-exits (os._exit) at each failpoint, restarts, drains.
+"""Crash matrix: a real `swamp-club up` SIGKILLs itself at each failpoint, restarts, drains.
 
 After each: every accepted event counted exactly once (I2), `telemetry verify` clean (I4),
 every score at its projection's version (I1, I9), no queue message left active.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import pytest
 from pymongo import MongoClient
 
 from swamp_club.embedded_db import free_port
-from tests.support import EMBEDDED, DbNames
+from tests.support import DbNames
 from tests.telemetry.conftest import cli_event
 from tests.telemetry.test_backfill import bucket
 from tests.test_cli_up import stop, wait_ready
@@ -28,14 +29,18 @@ from tests.test_end_to_end import FAST, wait_for
 
 EXECUTABLE = str(Path(sys.executable).parent / "swamp-club")
 
-# On the embedded server this matrix runs on request only: once, on a loaded machine, five
-# processes hard-killed inside transactions left SecantusDB unresponsive (a livelock we could not
-# reduce to a minimal case yet). On a real MongoDB (MONGODB_URI) it always runs.
+# Part of `make test` on both servers. SWAMP_CRASH_MATRIX=0 skips it for quick local runs (it
+# adds about 75 s: each crash leaves a transaction open until the server's 60 s lifetime limit).
+# One clean-clone run, on a machine also running the 60 s soak, once left the embedded server
+# unresponsive here; neither a minimal repro (five processes hard-killed inside transactions
+# on one document: ping and other writes stay instant, the conflicting write waits 60 s) nor
+# the matrix run beside the soak again reproduced it. The client timeouts below turn such a
+# stall into a failure instead of a hang.
 pytestmark = pytest.mark.skipif(
-    EMBEDDED and not os.environ.get("SWAMP_CRASH_MATRIX"),
-    reason="embedded server: set SWAMP_CRASH_MATRIX=1 to run the process-level crash matrix",
+    os.environ.get("SWAMP_CRASH_MATRIX") == "0",
+    reason="SWAMP_CRASH_MATRIX=0: process-level crash matrix skipped on request",
 )
-CRASH_EXIT_CODE = 77
+CRASH_EXIT_CODE = -signal.SIGKILL  # how Popen reports death by SIGKILL
 
 
 class Up:
@@ -57,7 +62,7 @@ class Up:
             "BACKFILL_LEASE_SECONDS": "2",
         }
         if failpoint:
-            self.env["SWAMP_FAILPOINTS"] = f"{failpoint}=exit"
+            self.env["SWAMP_FAILPOINTS"] = f"{failpoint}=kill"
         self.process = subprocess.Popen(
             [EXECUTABLE, "up"],
             env=self.env,
@@ -164,6 +169,33 @@ def crash_while_applying_events(mongo_uri: str, db_names: DbNames, failpoint: st
         stop(again.process)
 
 
+def crash_after_storing_before_the_202(mongo_uri: str, db_names: DbNames) -> None:
+    first = Up(mongo_uri, db_names)
+    key = register(first, "crash-user")
+    stop(first.process)
+
+    crashing = Up(mongo_uri, db_names, "ingest.before_reply")
+    batch = {"events": [cli_event("owned-dev") for _ in range(25)]}
+    assert crashing.ingest(batch, key) == 0  # stored, then killed before answering
+    assert crashing.crashed()
+
+    again = Up(mongo_uri, db_names)
+    try:
+        with MongoClient(mongo_uri, tz_aware=True, socketTimeoutMS=30_000) as client:
+            resent = httpx.post(
+                f"{again.telemetry}/ingest", json=batch, headers={"x-api-key": key}, timeout=30
+            )
+            assert (resent.status_code, resent.json()) == (202, {"accepted": 0, "duplicates": 25})
+            wait_for(lambda: settled(client, db_names))
+            stats = httpx.get(
+                f"{again.telemetry}/v1/stats", params={"username": "crash-user"}
+            ).json()
+            assert stats["totalInvocations"] == 1 + 25
+            assert_invariants(client, db_names, again.env)
+    finally:
+        stop(again.process)
+
+
 def crash_after_the_app_s_user_update(mongo_uri: str, db_names: DbNames) -> None:
     crashing = Up(mongo_uri, db_names, "app.after_user_update")
     key = register(crashing, "before-crash")
@@ -241,6 +273,7 @@ SCENARIOS: dict[str, Callable[[str, DbNames], None]] = {
             "ingest.before_commit",
         )
     },
+    "ingest.before_reply": crash_after_storing_before_the_202,
     "app.after_user_update": crash_after_the_app_s_user_update,
     "backfill.after_batch": crash_in_the_middle_of_the_backfill,
 }

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
 from pymongo.errors import BulkWriteError
 
+from shared_contracts import failpoints
 from shared_contracts.api_errors import error_responses
 from shared_contracts.keys import presented_key
 from telemetry_service import counters
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
 
 DUPLICATE_KEY = 11000
+#: Failpoint: the events are stored, the 202 has not reached the CLI (it will re-send them).
+BEFORE_REPLY = "ingest.before_reply"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -106,6 +109,7 @@ async def ingest(
     parsed = validate(events, is_batch)
     user_id = await resolve_user_id(runtime.db, presented_key(x_api_key, authorization))
     accepted, duplicates = await store(runtime, events, parsed, user_id)
+    failpoints.hit(BEFORE_REPLY)
     counters.EVENTS_RECEIVED.labels("accepted").inc(accepted)
     counters.EVENTS_RECEIVED.labels("duplicate").inc(duplicates)
     return IngestAccepted(accepted=accepted, duplicates=duplicates)

@@ -8,9 +8,11 @@ import uuid
 
 import pytest
 
+from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyRevoked
 from telemetry_service.collections import EVENTS
+from telemetry_service.ingest.router import BEFORE_REPLY
 from tests.telemetry.conftest import CLI_EVENT, Telemetry, cli_event
 
 
@@ -99,6 +101,26 @@ async def test_re_sent_events_are_counted_once(telemetry: Telemetry) -> None:
     assert sum(r.json()["accepted"] for r in responses) == 5
     await telemetry.drain()
     assert (await telemetry.stats("dave"))["totalInvocations"] == 9
+
+
+async def test_a_crash_after_storing_and_before_the_202_loses_and_doubles_nothing(
+    telemetry: Telemetry,
+) -> None:
+    # Stored, but the CLI never hears 202: it re-sends the same batch, which is answered 202
+    # as duplicates and counted once.
+    _, key = await telemetry.register("erin")
+    batch = {"events": [cli_event("dev-f") for _ in range(4)]}
+    failpoints.arm(BEFORE_REPLY, times=1)
+    try:
+        with pytest.raises(failpoints.FailpointError):
+            await telemetry.post(batch, key)
+    finally:
+        failpoints.disarm()
+    assert await stored(telemetry) == 4
+    resent = await telemetry.post(batch, key)
+    assert (resent.status_code, resent.json()) == (202, {"accepted": 0, "duplicates": 4})
+    await telemetry.drain()
+    assert (await telemetry.stats("erin"))["totalInvocations"] == 4
 
 
 async def test_anonymous_history_is_credited_to_the_user_who_logs_in(telemetry: Telemetry) -> None:
