@@ -73,8 +73,21 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
+def _printable(value: Any) -> Any:
+    """Error details echo field names from the request; a lone UTF-16 surrogate there would make
+    the error response itself unencodable (a 500), so such characters are escaped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
 def error_body(code: str, message: str, details: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details}}
+    body = {"code": code, "message": message, "details": details}
+    return {"error": _printable(body)}
 
 
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

@@ -21,6 +21,7 @@ from telemetry_service.deps import RuntimeDep
 from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge
 from telemetry_service.ingest.api_keys import resolve_user_id
 from telemetry_service.ingest.schemas import CliEvent, IngestAccepted
+from telemetry_service.ingest.storable import unstorable
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
@@ -68,16 +69,21 @@ def raw_events(payload: Any, max_events: int) -> tuple[list[Any], bool]:
 
 
 def validate(events: list[Any], is_batch: bool) -> list[CliEvent]:
+    """Every event must match what we use (CliEvent) and be storable as sent; otherwise 422
+    naming each problem, and nothing of the request is stored."""
     parsed, problems = [], []
     for index, raw in enumerate(events):
+        found: list[tuple[str, str]] = []
         try:
             parsed.append(CliEvent.model_validate(raw))
         except ValidationError as exc:
-            prefix = f"events[{index}]" if is_batch else ""
-            for error in exc.errors()[:10]:
-                path = ".".join(str(p) for p in error["loc"])
-                loc = f"{prefix}.{path}".strip(".") if path else prefix or "(body)"
-                problems.append({"index": index, "loc": loc, "msg": error["msg"]})
+            found = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()[:10]]
+        else:
+            found = [hit] if (hit := unstorable(raw)) else []
+        prefix = f"events[{index}]" if is_batch else ""
+        for path, msg in found:
+            loc = f"{prefix}.{path}".strip(".") if path else prefix or "(body)"
+            problems.append({"index": index, "loc": loc, "msg": msg})
     if problems:
         bad = len({p["index"] for p in problems})
         raise InvalidEvents(
@@ -105,6 +111,8 @@ async def ingest(
         payload = json.loads(body, parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise InvalidJson("the body is nested too deeply to be a CLI event") from None
     events, is_batch = raw_events(payload, settings.max_events_per_request)
     parsed = validate(events, is_batch)
     user_id = await resolve_user_id(runtime.db, presented_key(x_api_key, authorization))
