@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +57,43 @@ def find_executable() -> str:
     return found
 
 
+class TransactionReaper:
+    """Stands in for the background transaction reaper SecantusDB lacks.
+
+    mongod aborts a transaction left open by a dead client after transactionLifetimeLimitSeconds
+    (60 s) by itself. SecantusDB does it only when some client sends a transactional statement;
+    until then a plain write or a drop that touches the orphan's documents retries write
+    conflicts forever (tests/test_embedded_gaps.py). So every few seconds we send one: an empty
+    transaction's first statement, then its abort. Nothing in the services depends on this.
+    """
+
+    def __init__(self, uri: str, *, interval: float = 5.0) -> None:
+        self.uri = uri
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="txn-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        client: MongoClient[dict[str, object]] = MongoClient(
+            self.uri, serverSelectionTimeoutMS=2000, socketTimeoutMS=10_000
+        )
+        try:
+            while not self._stop.wait(self.interval):
+                with contextlib.suppress(PyMongoError), client.start_session() as session:
+                    session.start_transaction()
+                    client["swamp_embedded"]["reaper"].find_one({}, session=session)
+                    session.abort_transaction()
+        finally:
+            client.close()
+
+
 class EmbeddedDb:
     """One SecantusDB process. ``with EmbeddedDb(storage_path=...) as db: db.uri``."""
 
@@ -74,6 +112,7 @@ class EmbeddedDb:
         self.log_path = log_path
         self.ready_timeout = ready_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self._reaper: TransactionReaper | None = None
 
     @property
     def uri(self) -> str:
@@ -94,6 +133,8 @@ class EmbeddedDb:
                 preexec_fn=_die_with_parent,
             )
         self._wait_until_ready()
+        self._reaper = TransactionReaper(self.uri)
+        self._reaper.start()
         return self.uri
 
     def _wait_until_ready(self) -> None:
@@ -120,6 +161,9 @@ class EmbeddedDb:
         raise EmbeddedDbError(f"{EXECUTABLE} did not answer hello within {self.ready_timeout}s")
 
     def stop(self, timeout: float = 15.0) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.stop()
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from asgi_lifespan import LifespanManager
@@ -16,6 +19,32 @@ from fastapi import FastAPI
 
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
+
+
+class LoggedProcess(subprocess.Popen[str]):
+    """A child process (`swamp-club up`) whose output goes to a file.
+
+    Never a pipe: a pipe nobody reads fills at 64 KiB and then blocks the child in the middle of
+    its work, possibly inside a transaction (it froze the crash matrix once)."""
+
+    def __init__(self, command: list[str], *, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("a") as output:
+            super().__init__(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+    def output(self, tail: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-tail:]
+
+    def stop(self, *, grace: float = 60) -> str:
+        """SIGINT (graceful), and the output; fails unless the process exits cleanly."""
+        self.send_signal(signal.SIGINT)
+        try:
+            self.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+        assert self.returncode == 0, self.output()
+        return self.output(tail=10**9)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,13 +12,14 @@ import pytest
 from pymongo import MongoClient
 
 from swamp_club.embedded_db import free_port
+from tests.support import LoggedProcess
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("MONGODB_URI")), reason="exercises the embedded database launcher"
 )
 
 
-def start_up(data_dir: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
+def start_up(data_dir: Path, ports: dict[str, int]) -> LoggedProcess:
     env = {
         **os.environ,
         "SWAMP_DATA_DIR": str(data_dir),
@@ -30,19 +29,13 @@ def start_up(data_dir: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
     }
     env.pop("MONGODB_URI", None)
     executable = Path(sys.executable).parent / "swamp-club"
-    return subprocess.Popen(
-        [str(executable), "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return LoggedProcess([str(executable), "up"], env=env, log=data_dir / "up.log")
 
 
-def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
+def wait_ready(url: str, process: LoggedProcess, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[0]
+        assert process.poll() is None, process.output()
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -52,11 +45,8 @@ def wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 60) ->
     raise AssertionError(f"{url} not ready within {timeout}s")
 
 
-def stop(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
-    return output
+def stop(process: LoggedProcess) -> str:
+    return process.stop()
 
 
 def test_up_serves_both_services_and_keeps_its_data(tmp_path: Path) -> None:
@@ -89,6 +79,6 @@ def test_up_reports_a_clear_error_when_the_database_cannot_start(tmp_path: Path)
         busy.listen()
         port = busy.getsockname()[1]
         process = start_up(tmp_path, {"telemetry": free_port(), "app": free_port(), "db": port})
-        output, _ = process.communicate(timeout=90)
+        process.wait(timeout=90)
     assert process.returncode == 2
-    assert "error:" in output
+    assert "error:" in process.output()

@@ -3,10 +3,13 @@ on it with the reason, run on a real MongoDB (MONGODB_URI). Our code stays corre
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 
 from tests.support import EMBEDDED, DbNames
 
@@ -30,3 +33,40 @@ async def test_an_indexed_limit_one_query_examines_about_one_key(
         }
     )
     assert explained["executionStats"]["totalKeysExamined"] <= 2
+
+
+ORPHAN = r"""
+import os, signal, sys
+from pymongo import MongoClient
+client = MongoClient(sys.argv[1])
+with client.start_session() as session:
+    session.start_transaction()
+    client[sys.argv[2]].orphan.update_one({"_id": "x"}, {"$inc": {"n": 1}}, session=session)
+    os.kill(os.getpid(), signal.SIGKILL)  # the transaction stays open on the server
+"""
+
+
+@pytest.mark.skipif(
+    EMBEDDED,
+    reason="SecantusDB reaps an expired transaction only when some client sends a "
+    "transactional statement (no background reaper): a transaction orphaned by a killed client "
+    "holds its documents until then, and a plain write or dropDatabase touching them retries "
+    "write conflicts forever (measured: a plain write waited 100 s, released only by another "
+    "client's transaction). mongod aborts it after transactionLifetimeLimitSeconds (60 s) by "
+    "itself. Our launcher stands in with a TransactionReaper (swamp_club/embedded_db.py) that "
+    "sends an empty transaction statement every 5 s.",
+)
+def test_an_orphaned_transaction_is_aborted_without_other_transactions(
+    mongo_uri: str, db_names: DbNames
+) -> None:
+    with MongoClient(mongo_uri, socketTimeoutMS=120_000) as client:
+        collection = client[db_names.telemetry].orphan
+        collection.insert_one({"_id": "x", "n": 0})
+        subprocess.run([sys.executable, "-c", ORPHAN, mongo_uri, db_names.telemetry], check=False)
+        # No transaction anywhere now: only the server's own reaper can release the document.
+        started = time.monotonic()
+        collection.update_one({"_id": "x"}, {"$inc": {"n": 1}})
+        assert time.monotonic() - started < 90
+        document = collection.find_one({"_id": "x"})
+        assert document is not None
+        assert document["n"] == 1  # the orphan's increment was rolled back

@@ -134,8 +134,8 @@ def test_sigterm_during_processing_loses_nothing(tmp_path: Path) -> None:
         events = [cli_event("t-dev") for _ in range(25)]
         assert system.ingest({"events": events}, user["apiKey"]).status_code == 202
     system.process.send_signal(signal.SIGTERM)  # while the watcher is still applying batches
-    output, _ = system.process.communicate(timeout=60)
-    assert system.process.returncode == 0, output
+    system.process.wait(timeout=60)
+    assert system.process.returncode == 0, system.process.output()
 
     again = Running(tmp_path, ports)
     try:
