@@ -45,10 +45,6 @@ def wait_ready(url: str, process: LoggedProcess, timeout: float = 60) -> None:
     raise AssertionError(f"{url} not ready within {timeout}s")
 
 
-def stop(process: LoggedProcess) -> str:
-    return process.stop()
-
-
 def test_up_serves_both_services_and_keeps_its_data(tmp_path: Path) -> None:
     ports = {"telemetry": free_port(), "app": free_port(), "db": free_port()}
     process = start_up(tmp_path, ports)
@@ -58,7 +54,7 @@ def test_up_serves_both_services_and_keeps_its_data(tmp_path: Path) -> None:
         with MongoClient(f"mongodb://127.0.0.1:{ports['db']}/") as client:
             client.persisted.marker.insert_one({"_id": "kept"})
     finally:
-        output = stop(process)
+        output = process.stop()
     assert f"http://127.0.0.1:{ports['telemetry']}" in output
     assert "embedded database ready" in output
 
@@ -68,7 +64,7 @@ def test_up_serves_both_services_and_keeps_its_data(tmp_path: Path) -> None:
         with MongoClient(f"mongodb://127.0.0.1:{ports['db']}/") as client:
             assert client.persisted.marker.find_one({"_id": "kept"}) == {"_id": "kept"}
     finally:
-        stop(process)
+        process.stop()
 
 
 def test_up_reports_a_clear_error_when_the_database_cannot_start(tmp_path: Path) -> None:

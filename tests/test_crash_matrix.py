@@ -25,7 +25,7 @@ from swamp_club.embedded_db import free_port
 from tests.support import EMBEDDED, DbNames, LoggedProcess
 from tests.telemetry.conftest import cli_event
 from tests.telemetry.test_backfill import bucket
-from tests.test_cli_up import stop, wait_ready
+from tests.test_cli_up import wait_ready
 from tests.test_end_to_end import FAST, wait_for
 
 EXECUTABLE = str(Path(sys.executable).parent / "swamp-club")
@@ -150,7 +150,7 @@ def register(up: Up, username: str) -> str:
 def crash_while_applying_events(mongo_uri: str, db_names: DbNames, failpoint: str) -> None:
     first = Up(mongo_uri, db_names)
     key = register(first, "crash-user")
-    stop(first.process)
+    first.process.stop()
 
     crashing = Up(mongo_uri, db_names, failpoint)
     batches = [
@@ -174,13 +174,13 @@ def crash_while_applying_events(mongo_uri: str, db_names: DbNames, failpoint: st
             assert stats["totalInvocations"] == 1 + 50  # every event exactly once
             assert_invariants(client, db_names, again.env)
     finally:
-        stop(again.process)
+        again.process.stop()
 
 
 def crash_after_storing_before_the_202(mongo_uri: str, db_names: DbNames) -> None:
     first = Up(mongo_uri, db_names)
     key = register(first, "crash-user")
-    stop(first.process)
+    first.process.stop()
 
     crashing = Up(mongo_uri, db_names, "ingest.before_reply")
     batch = {"events": [cli_event("owned-dev") for _ in range(25)]}
@@ -201,7 +201,7 @@ def crash_after_storing_before_the_202(mongo_uri: str, db_names: DbNames) -> Non
             assert stats["totalInvocations"] == 1 + 25
             assert_invariants(client, db_names, again.env)
     finally:
-        stop(again.process)
+        again.process.stop()
 
 
 def crash_after_the_app_s_user_update(mongo_uri: str, db_names: DbNames) -> None:
@@ -243,7 +243,7 @@ def crash_after_the_app_s_user_update(mongo_uri: str, db_names: DbNames) -> None
             wait_for(lambda: settled(client, db_names), within=SETTLE_SECONDS)
             assert_invariants(client, db_names, again.env)
     finally:
-        stop(again.process)
+        again.process.stop()
 
 
 def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> None:
@@ -269,7 +269,7 @@ def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> No
             assert versions == {4}  # one write per username: the committed batch was not redone
             assert_invariants(client, db_names, again.env)
         finally:
-            stop(again.process)
+            again.process.stop()
 
 
 SCENARIOS: dict[str, Callable[[str, DbNames], None]] = {

@@ -16,7 +16,7 @@ import pytest
 
 from swamp_club.embedded_db import free_port
 from tests.telemetry.conftest import cli_event
-from tests.test_cli_up import start_up, stop, wait_ready
+from tests.test_cli_up import start_up, wait_ready
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("MONGODB_URI")), reason="starts the embedded database through `up`"
@@ -111,7 +111,7 @@ def test_the_whole_story_over_http_survives_a_restart(tmp_path: Path) -> None:
         ready = httpx.get(f"{system.telemetry}/readyz").json()
         assert (ready["workers"], ready["backfill"]["status"]) == ("alive", "done")
     finally:
-        stop(system.process)
+        system.process.stop()
 
     again = Running(tmp_path, ports)  # the same data directory
     try:
@@ -122,7 +122,7 @@ def test_the_whole_story_over_http_survives_a_restart(tmp_path: Path) -> None:
         assert httpx.get(f"{again.telemetry}/readyz").json()["backfill"]["status"] == "done"
         assert again.score("e2e-renamed") == survived
     finally:
-        stop(again.process)
+        again.process.stop()
 
 
 def test_sigterm_during_processing_loses_nothing(tmp_path: Path) -> None:
@@ -154,4 +154,4 @@ def test_sigterm_during_processing_loses_nothing(tmp_path: Path) -> None:
         )
         assert (verify.returncode, verify.stdout.strip()) == (0, "no drift")
     finally:
-        stop(again.process)
+        again.process.stop()
