@@ -35,8 +35,9 @@ EXECUTABLE = str(Path(sys.executable).parent / "swamp-club")
 # It found that SecantusDB aborts such a transaction only when a transactional statement
 # arrives: a restarted watcher's claim (a plain write) could wait on it forever, and once the
 # clean-up's dropDatabase spun forever and stalled the suite (tests/test_embedded_gaps.py; the
-# launcher's TransactionReaper now stands in). Every process is killed before clean-up, and the
-# client timeouts turn any stall into a failure.
+# launcher's TransactionReaper now stands in). On the embedded database the matrix runs on a
+# server of its own (see matrix_uri), every process is stopped before clean-up, and the client
+# timeouts turn any stall into a failure.
 pytestmark = pytest.mark.skipif(
     os.environ.get("SWAMP_CRASH_MATRIX") == "0",
     reason="SWAMP_CRASH_MATRIX=0: process-level crash matrix skipped on request",
@@ -48,9 +49,9 @@ SETTLE_SECONDS = 180
 CRASH_EXIT_CODE = -signal.SIGKILL  # how Popen reports death by SIGKILL
 
 
-#: Every `up` a scenario starts, so the test can kill what a failed scenario left running before
-#: it drops the databases: a process still writing while its database is dropped livelocks the
-#: embedded server (a plain write and the drop keep conflicting and retrying).
+#: Every `up` a scenario starts, so the test can stop what a failed scenario left running before
+#: it drops the databases or stops the server: a process still writing while its database is
+#: dropped livelocks the embedded server (a plain write and the drop keep conflicting).
 STARTED: list[Up] = []
 
 
