@@ -316,8 +316,8 @@ def matrix_uri(tmp_path: Path) -> Iterator[str]:
     """MONGODB_URI, or a server of the matrix's own on the embedded database.
 
     What the crashes leave behind must not reach other tests: on the shared embedded server the
-    load test that ran next stalled for 20 s, every writer asleep inside WiredTiger's page-in
-    (py-spy), right after the transactions of the processes killed here were orphaned.
+    load test that ran next stalled for up to 20 s, every writer asleep inside WiredTiger's
+    page-in (py-spy), even 75 s after the matrix ended (README, "The embedded database").
     """
     if uri := os.environ.get("MONGODB_URI"):
         yield uri
