@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,3 +112,14 @@ def write_results(results: list[Results], path: Path = Path("bench/RESULTS.md"))
         "(measured in the same run, on the same server) and the DB commands per unit of work.\n\n"
         f"Machine: {machine_description(embedded)}\n\n{body}"
     )
+
+
+async def until(
+    probe: Callable[[], Awaitable[bool]], *, interval: float = 0.1, within: float = 600
+) -> None:
+    """Poll ``probe`` (a database query, not an in-process flag) until it holds."""
+    deadline = time.monotonic() + within
+    while not await probe():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done within {within:g}s")
+        await asyncio.sleep(interval)

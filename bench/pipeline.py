@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from pymongo import monitoring
 
-from bench.common import CommandCounter, Results, Stopwatch, database_uri
+from bench.common import CommandCounter, Results, Stopwatch, database_uri, until
 from bench.ingest import event
 from shared_contracts.mongo import make_client
 from swamp_app.main import create_app as create_main_app
@@ -37,14 +37,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-async def until(probe: Any, interval: float = 0.1, within: float = 600) -> None:
-    deadline = time.monotonic() + within
-    while not await probe():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the pipeline did not drain")
-        await asyncio.sleep(interval)
 
 
 async def scenario(

@@ -12,7 +12,14 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from bench.common import CommandCounter, Results, Stopwatch, counted_client, database_uri
+from bench.common import (
+    CommandCounter,
+    Results,
+    Stopwatch,
+    counted_client,
+    database_uri,
+    until,
+)
 from shared_contracts.messages import ApiKeyRevoked, Message, ScoreRefresh, UserRegistered
 from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.queue.config import QueueConfig
@@ -39,11 +46,6 @@ async def raw_insert_rate(client: Client, db: str, n: int) -> float:
     return n / clock.seconds
 
 
-async def until(probe: Any, interval: float = 0.2) -> None:
-    while not await probe():  # noqa: ASYNC110 - polls the database, not an in-process flag
-        await asyncio.sleep(interval)
-
-
 async def pipeline_rate(
     client: Client,
     observer: Client,
@@ -68,7 +70,7 @@ async def pipeline_rate(
         for message in messages(n, ordered=ordered):
             await queue.publish(message)
         done = observer[db][TELEMETRY_COMMANDS]
-        await until(lambda: _all_done(done, n))
+        await until(lambda: _all_done(done, n), interval=0.2)
         for worker in workers:
             worker.stop()
         await asyncio.gather(*tasks)
@@ -101,7 +103,7 @@ async def coalescing(client: Client, observer: Client, db: str, burst: int) -> t
             )
         )
     events = observer[db][SWAMP_CLUB_EVENTS]
-    await until(lambda: _no_unfinished(events))
+    await until(lambda: _no_unfinished(events), interval=0.2)
     consumer.stop()
     await task
     last = deliveries[-1]

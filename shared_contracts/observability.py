@@ -16,8 +16,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -93,3 +95,19 @@ async def metrics_response(update: Callable[[], Awaitable[None]] | None = None) 
     if update is not None:
         await update()
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class Workers(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+
+def readiness(workers: Workers | None, **report: Any) -> dict[str, Any] | JSONResponse:
+    """The /readyz answer once the database answered: ``report`` plus the workers' state (off
+    when this process does not run them). Dead workers make it a 503, so an orchestrator
+    restarts the process instead of routing traffic to one that no longer processes anything."""
+    state = "off" if workers is None else "alive" if workers.alive else "dead"
+    body = {"status": "ready", "database": "ok", "workers": state, **report}
+    if state == "dead":
+        return JSONResponse({**body, "status": "unavailable"}, status_code=503)
+    return body

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
 from shared_contracts.api_errors import error_responses
-from shared_contracts.observability import metrics_response
+from shared_contracts.observability import metrics_response, readiness
 from shared_contracts.queue.metrics import update_queue_gauges
 from swamp_app.deps import RuntimeDep
 
@@ -28,12 +28,7 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
         await runtime.client.admin.command("ping")
     except PyMongoError as exc:
         return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
-    workers = request.app.state.workers
-    state = "off" if workers is None else "alive" if workers.alive else "dead"
-    body = {"status": "ready", "database": "ok", "workers": state}
-    if state == "dead":
-        return JSONResponse({**body, "status": "unavailable"}, status_code=503)
-    return body
+    return readiness(request.app.state.workers)
 
 
 @router.get("/metrics", response_class=Response)

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
 from shared_contracts.api_errors import error_responses
-from shared_contracts.observability import metrics_response
+from shared_contracts.observability import metrics_response, readiness
 from shared_contracts.queue.metrics import update_queue_gauges
 from telemetry_service.backfill import Backfill
 from telemetry_service.deps import RuntimeDep
@@ -30,20 +30,14 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
         backfill = await Backfill(runtime).status()
     except PyMongoError as exc:
         return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
-    workers = request.app.state.workers
-    body = {
-        "status": "ready",
-        "database": "ok",
-        "workers": "off" if workers is None else "alive" if workers.alive else "dead",
-        "backfill": {
+    return readiness(
+        request.app.state.workers,
+        backfill={
             "status": backfill.get("status"),
             "usernames": backfill.get("usernames", 0),
             "lastUsername": backfill.get("lastUsername"),
         },
-    }
-    if body["workers"] == "dead":
-        return JSONResponse({**body, "status": "unavailable"}, status_code=503)
-    return body
+    )
 
 
 @router.get("/metrics", response_class=Response)

@@ -35,14 +35,18 @@ class LoggedProcess(subprocess.Popen[str]):
     def output(self, tail: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-tail:]
 
-    def stop(self, *, grace: float = 60) -> str:
-        """SIGINT (graceful), and the output; fails unless the process exits cleanly."""
+    def interrupt(self, *, grace: float = 60) -> None:
+        """SIGINT (graceful, like Ctrl-C); SIGKILL if still running after ``grace`` seconds."""
         self.send_signal(signal.SIGINT)
         try:
             self.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             self.kill()
             self.wait()
+
+    def stop(self, *, grace: float = 60) -> str:
+        """Interrupt, and the output; fails unless the process exits cleanly."""
+        self.interrupt(grace=grace)
         assert self.returncode == 0, self.output()
         return self.output(tail=10**9)
 

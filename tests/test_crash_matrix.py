@@ -282,20 +282,6 @@ def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> No
             again.process.stop()
 
 
-def stop_all_started() -> None:
-    """Whatever a failed scenario left running: Ctrl-C first, so that no transaction of ours
-    is left open on the server; SIGKILL only if it hangs."""
-    running = [up.process for up in STARTED if up.process.poll() is None]
-    for process in running:
-        process.send_signal(signal.SIGINT)
-    for process in running:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 SCENARIOS: dict[str, Callable[[str, DbNames], None]] = {
     **{
         point: functools.partial(crash_while_applying_events, failpoint=point)
@@ -346,7 +332,11 @@ def test_the_crash_matrix(matrix_uri: str, tmp_path: Path) -> None:
                 except Exception as exc:  # collect every failing failpoint, not just the first
                     failures[point] = f"{type(exc).__name__}: {exc}"
     finally:
-        stop_all_started()
+        # What a failed scenario left running: Ctrl-C first, so that no transaction of ours is
+        # left open on the server; SIGKILL only if it hangs.
+        for up in STARTED:
+            if up.process.poll() is None:
+                up.process.interrupt(grace=30)
         # A drop waits out the crashed transactions (up to 60 s); the matrix's own embedded
         # server keeps its databases in memory, which vanish with it, so skip the wait there.
         if not EMBEDDED:
