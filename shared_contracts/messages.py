@@ -42,8 +42,27 @@ class Message(BaseModel):
 # --- telemetry_commands: swamp_app -> telemetry_service ------------------------------------
 
 
+#: Why a name assignment carries the app's *name clock*, not a per-user counter: a freed name can
+#: be taken by another user a second later, and telemetry may apply the two users' commands in
+#: either order. One clock for every name assignment (registrations and renames, incremented in
+#: the same transaction) orders them as the app committed them, across users, so telemetry can
+#: tell which user holds a contested name without asking. It also increases per user (I6).
+NameSeq = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="The app's name clock at this assignment: increases with every registration "
+        "and rename, across all users (and so also per user).",
+    ),
+]
+
+
 class UsernameChanged(Message):
-    """A user renamed themselves; telemetry re-keys the identity map (I6)."""
+    """State assignment (I6): "user ``userId``'s name is ``newUsername`` as of ``seq``".
+
+    Applying the newest ``seq`` is enough; an older one changes nothing. ``oldUsername`` is
+    informational: nothing is looked up or moved by it.
+    """
 
     QUEUE: ClassVar[str] = TELEMETRY_COMMANDS
     type: Literal["username_changed"] = "username_changed"
@@ -51,20 +70,22 @@ class UsernameChanged(Message):
     oldUsername: Username
     newUsername: Username
     userId: UserId
-    seq: int = Field(
-        ge=1, description="The user's rename counter: a stale command has a lower seq."
-    )
+    seq: NameSeq
 
     def ordering_key(self) -> str:
         return f"user:{self.userId}"
 
 
 class UserRegistered(Message):
+    """A new user, and its first name assignment (as of ``seq``, like ``username_changed``)."""
+
     QUEUE: ClassVar[str] = TELEMETRY_COMMANDS
     type: Literal["user_registered"] = "user_registered"
     schemaVersion: Literal[1] = 1
     userId: UserId
     username: Username
+    # 0 for registrations published before the name clock existed: older than any rename.
+    seq: NameSeq = 0
 
     def ordering_key(self) -> str:
         return f"user:{self.userId}"
@@ -96,24 +117,34 @@ RefreshReason = Literal["ingest", "binding", "backfill", "identity_migration"]
 
 
 class ScoreRefresh(Message):
-    """A user's projection changed: re-score from this snapshot (applied only if newer, I9)."""
+    """A user's projection changed: re-score from this snapshot (applied only if newer, I9).
+
+    Version 2 is addressed by ``userId``: version 1 named only a username, which another user
+    may hold by the time it is applied. Version 1 messages are dead-lettered as unsupported; the
+    upgrade republishes every user's refresh, so none is needed.
+    """
 
     QUEUE: ClassVar[str] = SWAMP_CLUB_EVENTS
+    SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({2})
     type: Literal["score_refresh"] = "score_refresh"
-    schemaVersion: Literal[1] = 1
-    username: Username
+    schemaVersion: Literal[2] = 2
+    userId: UserId
+    username: Username | None = Field(
+        description="The user's current name as telemetry knows it (informational; None while "
+        "a newer claim on the name is still on its way)."
+    )
     reason: RefreshReason
     projectionVersion: int = Field(ge=1)
     snapshot: dict[str, Any] = Field(description="The username_metrics document at publish time.")
 
     def dedupe_key(self) -> str:
         # One pending refresh per user: a newer projection replaces the waiting snapshot.
-        return f"score_refresh:{self.username}"
+        return f"score_refresh:{self.userId}"
 
     def ordering_key(self) -> str:
         # One active refresh per user: while it is applied, the next one waits (and keeps
         # absorbing newer snapshots) instead of being applied in parallel.
-        return f"score_refresh:{self.username}"
+        return f"score_refresh:{self.userId}"
 
 
 TelemetryCommand = Annotated[

@@ -11,6 +11,7 @@ USERS: Final = "users"  # _id = userId; username unique (kept by deleted users' 
 API_KEYS: Final = "api_keys"  # _id = key id; keyHash (SHA-256) unique; raw keys are never stored
 USER_SCORES: Final = "user_scores"  # _id = userId; username unique (re-keyed on rename)
 MIGRATIONS: Final = "migrations"
+COUNTERS: Final = "counters"  # the name clock (users/name_clock.py)
 
 #: A user that has not been deleted (deletion keeps a tombstone with ``deletedAt``).
 LIVE_USER: Final = {"deletedAt": None}

@@ -16,6 +16,7 @@ from swamp_app.errors import install_error_handlers
 from swamp_app.runtime import AppRuntime
 from swamp_app.scores.router import router as scores_router
 from swamp_app.settings import AppSettings
+from swamp_app.users.name_clock import ensure_name_clock
 from swamp_app.users.router import router as users_router
 from swamp_app.workers import AppWorkers
 
@@ -25,6 +26,7 @@ async def open_runtime(settings: AppSettings) -> AppRuntime:
     runtime = AppRuntime(settings=settings, client=client)
     try:
         await ensure_indexes(runtime.db)
+        await ensure_name_clock(runtime.db)
         await ensure_queue_indexes(
             client[settings.bus_db], done_retention_seconds=settings.queue_done_retention_seconds
         )

@@ -34,25 +34,30 @@ def worker() -> None:
 
 @telemetry_cli.command("verify")
 def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Check I4 for every username: the stored projection equals the fold. Exit 1 on drift."""
+    """Check I4 for every user (projection = fold, names agree, devices bound) and list events
+    set aside, events whose key counted as no key, and dead messages. Exit 1 unless clean."""
     from telemetry_service.main import open_runtime
-    from telemetry_service.projection.verify import find_drift
+    from telemetry_service.projection.verify import VerifyReport
+    from telemetry_service.projection.verify import verify as run_verify
 
-    async def main() -> list[str]:
+    async def main() -> VerifyReport:
         runtime = await open_runtime(settings_or_exit(TelemetrySettings))
         try:
-            return [str(d) for d in await find_drift(runtime.db)]
+            return await run_verify(runtime.db, runtime.bus)
         finally:
             await runtime.client.close()
 
-    drift = asyncio.run(main())
+    report = asyncio.run(main())
     if as_json:
-        typer.echo(json.dumps({"drift": drift}))
+        typer.echo(json.dumps(report.as_dict()))
     else:
-        for line in drift:
-            typer.echo(line)
-        typer.echo(f"{len(drift)} username(s) drifted" if drift else "no drift")
-    raise typer.Exit(1 if drift else 0)
+        for drift in report.drift:
+            typer.echo(str(drift))
+        typer.echo(f"{len(report.drift)} user(s) drifted" if report.drift else "no drift")
+        typer.echo(f"events set aside: {report.set_aside_events}")
+        typer.echo(f"events whose key counted as no key: {report.unattributed_events or 0}")
+        typer.echo(f"dead messages: {report.dead_messages}")
+    raise typer.Exit(0 if report.clean else 1)
 
 
 @telemetry_cli.command("backfill")
@@ -89,9 +94,7 @@ def backfill(
             ran = await job.run_if_needed()
             marker = await job.status()
             verb = "ran" if ran else "did not run (done, or another replica holds the lease)"
-            return (
-                f"backfill {verb}: {marker.get('status')}, {marker.get('usernames', 0)} usernames"
-            )
+            return f"backfill {verb}: {marker.get('status')}, {marker.get('users', 0)} users"
         finally:
             await runtime.client.close()
 

@@ -19,9 +19,9 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=ADMIN_ONLY, res
 
 class BackfillStatus(BaseModel):
     status: Literal["pending", "running", "done"]
-    usernames: int = 0
+    users: int = 0
     batches: int = 0
-    lastUsername: str | None = None
+    lastUserId: str | None = None
     leaseOwner: str | None = None
     leaseUntil: datetime | None = None
     createdAt: datetime | None = None

@@ -1,15 +1,18 @@
 """The one-time username_metrics backfill (#501), with the half the original forgot.
 
 At start-up, unless the marker ``migrations/username_metrics_backfill`` says ``done``, one replica
-(holding a lease on the marker) walks identity_map in _id order, batch by batch. Each batch is
-ONE transaction: every username's projection is recomputed through the projection writer, which
-publishes its score_refresh (reason ``backfill``) in that same transaction (I1), and the marker
-records the last finished username. A crash resumes after the last committed batch, never
-redoing one (I7); a replica that lost the lease cannot commit a batch.
+(holding a lease on the marker) walks identity_map in userId order, batch by batch. Each batch is
+ONE transaction that reads its identity entries and devices and writes their projections through
+the projection writer, which publishes each score_refresh (reason ``backfill``) in that same
+transaction (I1); the marker records the last finished userId. Reading inside the transaction
+matters: when a write conflict makes the transaction run again, it folds what is there now,
+never an older copy read before it (which would write an older fold at a higher version).
+A crash resumes after the last committed batch, never redoing one (I7); a replica that lost the
+lease cannot commit a batch.
 
 A batch costs a constant number of commands: list the entries (they are also the fold's input),
-read their devices with one $in, read the versions, one bulk write, one bulk publish, one marker
-update, the commit.
+read their devices (bounded $in chunks), read the versions, one bulk write, one bulk publish,
+one marker update, the commit.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from shared_contracts import failpoints
 from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.engine import LeaseLost
 from telemetry_service.collections import IDENTITY_MAP, MIGRATIONS
+from telemetry_service.identity.store import entries_after
 from telemetry_service.projection.writer import load_inputs, write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -42,7 +46,7 @@ MARKER = "username_metrics_backfill"
 AFTER_BATCH = "backfill.after_batch"
 Status = Literal["pending", "running", "done"]
 
-USERNAMES = Counter("swamp_backfill_usernames_total", "Usernames recomputed by the backfill")
+USERS = Counter("swamp_backfill_users_total", "Users whose projection the backfill recomputed")
 BATCHES = Counter("swamp_backfill_batches_total", "Backfill batches committed")
 PROGRESS = Gauge("swamp_backfill_progress_ratio", "Backfill progress, 0..1 (1 when done)")
 
@@ -58,7 +62,7 @@ class Progress:
         rate = self.done / elapsed
         left = max(self.total - self.done, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        return f"backfill {self.done}/{self.total} usernames, {rate:.0f}/s, ETA {eta}"
+        return f"backfill {self.done}/{self.total} users, {rate:.0f}/s, ETA {eta}"
 
 
 class Backfill:
@@ -79,12 +83,12 @@ class Backfill:
             {
                 "$set": {
                     "status": "pending",
-                    "lastUsername": None,
+                    "lastUserId": None,
                     "leaseUntil": None,
                     "batches": 0,
-                    "usernames": 0,
+                    "users": 0,
                 },
-                "$unset": {"finishedAt": ""},
+                "$unset": {"finishedAt": "", "lastUsername": "", "usernames": ""},
                 "$inc": {"reruns": 1},
             },
             upsert=True,
@@ -113,7 +117,7 @@ class Backfill:
     async def _acquire(self) -> bool:
         now = datetime.now(UTC)
         lease = now + timedelta(seconds=self.settings.backfill_lease_seconds)
-        first_time = {"status": "pending", "lastUsername": None, "batches": 0, "usernames": 0}
+        first_time = {"status": "pending", "lastUserId": None, "batches": 0, "users": 0}
         # Another replica may create the marker at the same moment: then it simply exists.
         with contextlib.suppress(DuplicateKeyError):
             await self.marker.update_one(
@@ -133,20 +137,18 @@ class Backfill:
     async def _run(self) -> None:
         marker = await self.status()
         total = await self.runtime.db[IDENTITY_MAP].count_documents({})
+        # A marker left mid-way by the username-keyed layout (lastUsername) restarts from the
+        # beginning: its position means nothing in userId order.
+        after = marker.get("lastUserId")
         progress = Progress(
-            total=total, done=int(marker.get("usernames", 0)), started=time.monotonic()
+            total=total, done=int(marker.get("users", 0)) if after else 0, started=time.monotonic()
         )
-        if marker.get("lastUsername"):
-            log.info("backfill resumes after %r (%d done)", marker["lastUsername"], progress.done)
+        if after:
+            log.info("backfill resumes after user %r (%d done)", after, progress.done)
         last_report = time.monotonic()
-        after = marker.get("lastUsername")
-        while True:
-            batch = await self._next_batch(after)
-            if not batch:
-                break
-            await self._apply(batch)
-            after = batch[-1]["_id"]
-            progress.done += len(batch)
+        while (done := await self._apply_next(after)) is not None:
+            after, count = done
+            progress.done += count
             PROGRESS.set(min(progress.done / max(total, 1), 1.0))
             failpoints.hit(AFTER_BATCH)
             if time.monotonic() - last_report >= self.settings.backfill_progress_seconds:
@@ -157,40 +159,42 @@ class Backfill:
         PROGRESS.set(1.0)
         log.info("backfill done: %s", progress.line())
 
-    async def _next_batch(self, after: str | None) -> list[dict[str, Any]]:
-        query = {"_id": {"$gt": after}} if after is not None else {}
+    async def _apply_next(self, after: str | None) -> tuple[str, int] | None:
+        """Re-project the next batch of users after ``after``, in one transaction that also
+        reads them. Returns the last userId done and how many, or None at the end."""
+        db = self.runtime.db
         size = self.settings.backfill_batch_size
-        cursor = self.runtime.db[IDENTITY_MAP].find(
-            query, sort=[("_id", 1)], limit=size, batch_size=size
-        )
-        return await cursor.to_list()
 
-    async def _apply(self, batch: list[dict[str, Any]]) -> None:
-        entries = {entry["_id"]: entry for entry in batch}
-        usernames = sorted(entries)
-
-        async def work(session: AsyncClientSession) -> None:
-            inputs = await load_inputs(self.runtime.db, usernames, session=session, entries=entries)
+        async def work(session: AsyncClientSession) -> tuple[str, int] | None:
+            batch = await entries_after(db, after, limit=size, session=session)
+            if not batch:
+                return None
+            entries = {entry["_id"]: entry for entry in batch}
+            user_ids = sorted(entries)
+            inputs = await load_inputs(db, user_ids, session=session, entries=entries)
             await write_projections(
-                db=self.runtime.db,
+                db=db,
                 refreshes=self.runtime.refreshes,
-                reasons=dict.fromkeys(usernames, "backfill"),
+                reasons=dict.fromkeys(user_ids, "backfill"),
                 session=session,
                 inputs=inputs,
             )
-            await self._record(usernames, session)
+            await self._record(user_ids, session)
+            return user_ids[-1], len(user_ids)
 
-        await in_transaction(self.runtime.client, work)
-        BATCHES.inc()
-        USERNAMES.inc(len(usernames))
+        done = await in_transaction(self.runtime.client, work)
+        if done is not None:
+            BATCHES.inc()
+            USERS.inc(done[1])
+        return done
 
-    async def _record(self, usernames: list[str], session: AsyncClientSession) -> None:
+    async def _record(self, user_ids: list[str], session: AsyncClientSession) -> None:
         lease = datetime.now(UTC) + timedelta(seconds=self.settings.backfill_lease_seconds)
         result = await self.marker.update_one(
             {"_id": MARKER, "leaseOwner": self.owner, "status": "running"},
             {
-                "$set": {"lastUsername": usernames[-1], "leaseUntil": lease},
-                "$inc": {"batches": 1, "usernames": len(usernames)},
+                "$set": {"lastUserId": user_ids[-1], "leaseUntil": lease},
+                "$inc": {"batches": 1, "users": len(user_ids)},
             },
             session=session,
         )

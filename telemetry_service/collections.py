@@ -12,11 +12,13 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 EVENTS: Final = "events"  # raw events as ingested; _id = the event id (I2)
+# Each has one writer: devices/ (user_metrics), identity/ (identity_map, known_users,
+# known_keys), projection/writer.py (username_metrics). A test checks it on the AST.
 USER_METRICS: Final = "user_metrics"  # per device (distinct_id): anonymous + per-user buckets
-IDENTITY_MAP: Final = "identity_map"  # username -> userId and devices
-USERNAME_METRICS: Final = "username_metrics"  # the projection, written by projection.writer only
+IDENTITY_MAP: Final = "identity_map"  # per userId: current username (unique) and devices
+USERNAME_METRICS: Final = "username_metrics"  # the projection, per userId; username unique
 KNOWN_KEYS: Final = "known_keys"  # API-key SHA-256 -> userId (replicated from the app)
-KNOWN_USERS: Final = "known_users"  # userId -> current username (replicated from the app)
+KNOWN_USERS: Final = "known_users"  # userId -> current username and its name-clock seq
 MIGRATIONS: Final = "migrations"
 
 #: leaseUntil of an event no watcher has claimed yet: claimable at once.
@@ -65,10 +67,25 @@ async def ensure_indexes(db: Database) -> None:
             IndexModel([("ownerUserId", ASCENDING)], name="owner", sparse=True),
         ]
     )
-    await db[IDENTITY_MAP].create_index("userId", name="user_id")
+    # A user without a name here (its newest assignment not applied yet) has no username field.
+    named = {"partialFilterExpression": {"username": {"$type": "string"}}, "unique": True}
+    await db[IDENTITY_MAP].create_indexes(
+        [
+            IndexModel([("username", ASCENDING)], name="username", **named),
+            # The username-keyed layout stored userId as a field: the upgrade finds its entries.
+            # (Same name and options as that layout's index, so creating it is a no-op there.)
+            IndexModel([("userId", ASCENDING)], name="user_id"),
+        ]
+    )
+    await db[USERNAME_METRICS].create_indexes(
+        [
+            IndexModel([("username", ASCENDING)], name="username", **named),
+            IndexModel([("userId", ASCENDING)], name="legacy_user_id", sparse=True),
+        ]
+    )
     await db[KNOWN_USERS].create_index("username", name="username")
     # Collections must exist before a transaction writes to them on older servers.
     existing = set(await db.list_collection_names())
-    for name in (USERNAME_METRICS, KNOWN_KEYS, MIGRATIONS):
+    for name in (KNOWN_KEYS, MIGRATIONS):
         if name not in existing:
             await db.create_collection(name)

@@ -12,9 +12,11 @@ SHARED_DEVICE = Counter(
     "swamp_ingest_shared_device_total",
     "A second user authenticated on a device owned by another user (recorded, never merged)",
 )
-UNKNOWN_USER = Counter(
-    "swamp_ingest_unknown_user_total",
-    "Authenticated events whose user has no known username yet (bound on user_registered)",
+KEY_RESOLUTIONS = Counter(
+    "swamp_ingest_key_resolutions_total",
+    "How each event's key resolved when it was applied (I10): user, no_key, revoked, "
+    "unknown (grace period over: counted as no key), waiting (not known yet, retried)",
+    ["outcome"],
 )
 EVENTS_DEAD = Counter(
     "swamp_ingest_events_dead_total",

@@ -34,8 +34,8 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
         request.app.state.workers,
         backfill={
             "status": backfill.get("status"),
-            "usernames": backfill.get("usernames", 0),
-            "lastUsername": backfill.get("lastUsername"),
+            "users": backfill.get("users", 0),
+            "lastUserId": backfill.get("lastUserId"),
         },
     )
 

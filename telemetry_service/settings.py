@@ -20,6 +20,19 @@ class TelemetrySettings(BusSettings):
     ingest_poll_interval_seconds: float = Field(
         default=1.0, alias="INGEST_POLL_INTERVAL_SECONDS", gt=0
     )
+    key_resolve_grace_seconds: float = Field(
+        default=900.0,
+        alias="KEY_RESOLVE_GRACE_SECONDS",
+        ge=0,
+        description="How long an event whose API key telemetry does not know yet waits for the "
+        "app's api_key_issued before it counts as the device's anonymous event.",
+    )
+    key_resolve_retry_seconds: float = Field(
+        default=2.0,
+        alias="KEY_RESOLVE_RETRY_SECONDS",
+        gt=0,
+        description="How soon an event waiting for its key is looked at again.",
+    )
     # Commands are a few a day: poll rarely, the change stream wakes the consumer at once.
     command_poll_interval_seconds: float = Field(
         default=30.0, alias="COMMAND_POLL_INTERVAL_SECONDS", gt=0

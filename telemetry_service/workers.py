@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pymongo.errors import PyMongoError
+
 from telemetry_service.backfill import Backfill
 from telemetry_service.consumers.commands import command_consumer
+from telemetry_service.identity.upgrade import IdentityUpgrade
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -19,13 +22,26 @@ log = logging.getLogger(__name__)
 
 class TelemetryWorkers:
     def __init__(self, runtime: TelemetryRuntime) -> None:
+        self.upgrade = IdentityUpgrade(runtime)
         self.watcher = IngestWatcher(runtime)
         self.commands = command_consumer(runtime)
         self.backfill = Backfill(runtime) if runtime.settings.run_backfill else None
         self._tasks: list[asyncio.Task[None]] = []
         self._backfill_task: asyncio.Task[None] | None = None
+        self._startup: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self._startup = asyncio.create_task(self._start_after_upgrade(), name="identity-upgrade")
+
+    async def _start_after_upgrade(self) -> None:
+        # Nothing may read or write identities in the old layout: the upgrade comes first.
+        while True:
+            try:
+                await self.upgrade.run()
+                break
+            except PyMongoError:
+                log.exception("identity upgrade failed; retrying")
+                await asyncio.sleep(5)
         self._tasks = [
             asyncio.create_task(self.watcher.run(), name="ingest-watcher"),
             asyncio.create_task(self.commands.run(), name="command-consumer"),
@@ -38,10 +54,19 @@ class TelemetryWorkers:
 
     @property
     def alive(self) -> bool:
+        if self._startup is None:
+            return False
+        if not self._startup.done():
+            return True  # upgrading
+        if self._startup.cancelled() or self._startup.exception() is not None:
+            return False
         return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     async def stop(self, *, grace_seconds: float = 10.0) -> None:
         """Finish in-flight work (or release it), then return."""
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()  # an upgrade batch is one transaction: it aborts whole
+            await asyncio.gather(self._startup, return_exceptions=True)
         self.watcher.stop()
         self.commands.stop(grace_seconds=grace_seconds)
         if self._backfill_task is not None:

@@ -129,13 +129,13 @@ def assert_invariants(
     verify = subprocess.run(
         [EXECUTABLE, "telemetry", "verify"], env=env, capture_output=True, text=True, check=False
     )
-    assert (verify.returncode, verify.stdout.strip()) == (0, "no drift"), verify.stdout
+    assert (verify.returncode, verify.stdout.splitlines()[0]) == (0, "no drift"), verify.stdout
     projections = {
         p["_id"]: p["projectionVersion"] for p in client[names.telemetry].username_metrics.find()
     }
     for score in client[names.app].user_scores.find():
-        if score["username"] in projections:
-            assert score["sourceVersion"] == projections[score["username"]], score["username"]
+        if score["_id"] in projections:
+            assert score["sourceVersion"] == projections[score["_id"]], score["username"]
     for queue in ("swamp_club_events", "telemetry_commands"):
         assert (
             client[names.bus][queue].count_documents({"status": {"$in": ["active", "dead"]}}) == 0
@@ -263,15 +263,16 @@ def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> No
                 {"_id": f"bf-dev-{i}", "ownerUserId": f"bf{i}", "anon": bucket(3)}
             )
             tele.identity_map.insert_one(
-                {"_id": f"bf-user-{i:02d}", "userId": f"bf{i}", "distinctIds": [f"bf-dev-{i}"]}
+                {"_id": f"bf{i}", "username": f"bf-user-{i:02d}", "distinctIds": [f"bf-dev-{i}"]}
             )
             tele.username_metrics.insert_one(
-                {"_id": f"bf-user-{i:02d}", "userId": f"bf{i}", "projectionVersion": 3}
+                {"_id": f"bf{i}", "username": f"bf-user-{i:02d}", "projectionVersion": 3}
             )
+        tele.migrations.insert_one({"_id": "identity_by_user_id", "status": "done"})
         # The backfill runs at start-up and may crash before the health check answers.
         crashing = Up(mongo_uri, db_names, "backfill.after_batch", dies_at_start_up=True)
         assert crashing.crashed()
-        assert tele.migrations.find_one()["batches"] == 1
+        assert tele.migrations.find_one({"_id": "username_metrics_backfill"})["batches"] == 1
         again = Up(mongo_uri, db_names)
         try:
             wait_for(lambda: settled(client, db_names), within=SETTLE_SECONDS)

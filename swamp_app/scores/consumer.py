@@ -45,8 +45,8 @@ def score_refresh_consumer(runtime: AppRuntime, *, worker: str | None = None) ->
         received = refresh.snapshot.get("lastEventReceivedAt")
         if outcome == "applied" and isinstance(received, datetime):
             REFRESH_LAG.observe(max(0.0, (datetime.now(UTC) - received).total_seconds()))
-        if outcome == "unknown_username":
-            # Renamed (or never registered) meanwhile: the new name gets its own refresh.
-            log.info("score_refresh for unknown username %s acknowledged", refresh.username)
+        if outcome == "unknown_user":
+            # Deleted (or never registered here): nothing to score.
+            log.info("score_refresh for unknown user %s acknowledged", refresh.userId)
 
     return Consumer(runtime.refreshes, handle, worker=worker)

@@ -16,7 +16,7 @@ from swamp_app.scores.scoring import activity_score, canonical_score, score_sour
 log = logging.getLogger(__name__)
 Database = AsyncDatabase[dict[str, Any]]
 Session = AsyncClientSession | None
-Applied = Literal["applied", "stale", "unknown_username"]
+Applied = Literal["applied", "stale", "unknown_user"]
 
 
 async def create_score(db: Database, *, user_id: str, username: str, session: Session) -> None:
@@ -47,7 +47,7 @@ async def rekey_score(db: Database, *, user_id: str, username: str, session: Ses
 
 
 async def delete_score(db: Database, *, user_id: str, session: Session) -> None:
-    """A deleted user's score goes; later refreshes for the name find no score and are
+    """A deleted user's score goes; later refreshes for the user find no score and are
     acknowledged as unknown."""
     await db[USER_SCORES].delete_one({"_id": user_id}, session=session)
 
@@ -56,13 +56,14 @@ async def apply_refresh(
     db: Database, refresh: ScoreRefresh, *, history_cap: int, session: Session
 ) -> Applied:
     """Re-score from the snapshot, only if its projectionVersion is newer than the one behind
-    the stored score (I9): redelivery and reordering never move a score backwards."""
+    the stored score (I9): redelivery and reordering never move a score backwards.
+
+    Addressed by userId, never by username: the name in the refresh may belong to someone else
+    by now (renamed away, then taken)."""
     scores = db[USER_SCORES]
-    current = await scores.find_one(
-        {"username": refresh.username}, {"sourceVersion": 1}, session=session
-    )
+    current = await scores.find_one({"_id": refresh.userId}, {"sourceVersion": 1}, session=session)
     if current is None:
-        return "unknown_username"
+        return "unknown_user"
     version = refresh.projectionVersion
     if version <= int(current.get("sourceVersion", 0)):
         return "stale"

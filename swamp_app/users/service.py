@@ -20,6 +20,7 @@ from swamp_app.collections import LIVE_USER, USERS
 from swamp_app.errors import NotFound, UsernameTaken
 from swamp_app.runtime import AppRuntime
 from swamp_app.scores.repository import create_score, delete_score, rekey_score
+from swamp_app.users.name_clock import next_name_seq
 
 #: Failpoint between the user update and the rest of a rename (the transaction must abort).
 AFTER_USER_UPDATE = "app.after_user_update"
@@ -30,16 +31,17 @@ async def register_user(runtime: AppRuntime, *, username: str) -> tuple[dict[str
 
     async def work(session: AsyncClientSession) -> tuple[dict[str, Any], str]:
         user_id = uuid.uuid4().hex
+        seq = await next_name_seq(runtime.db, session=session)
         user: dict[str, Any] = {
             "_id": user_id,
             "username": username,
-            "renameSeq": 0,
+            "nameSeq": seq,
             "createdAt": datetime.now(UTC),
         }
         await runtime.db[USERS].insert_one(user, session=session)
         await create_score(runtime.db, user_id=user_id, username=username, session=session)
         await runtime.commands.publish(
-            UserRegistered(userId=user_id, username=username), session=session
+            UserRegistered(userId=user_id, username=username, seq=seq), session=session
         )
         _, raw_key = await issue_key(runtime, user_id=user_id, session=session)
         return user, raw_key
@@ -59,9 +61,10 @@ async def rename_user(runtime: AppRuntime, *, user_id: str, new_username: str) -
             raise NotFound("the user no longer exists")
         if current["username"] == new_username:
             return current  # renaming to one's own name changes nothing
+        seq = await next_name_seq(runtime.db, session=session)
         renamed = await runtime.db[USERS].find_one_and_update(
             {"_id": user_id, "username": current["username"], **LIVE_USER},
-            {"$set": {"username": new_username}, "$inc": {"renameSeq": 1}},
+            {"$set": {"username": new_username, "nameSeq": seq}},
             return_document=ReturnDocument.AFTER,
             session=session,
         )
@@ -73,7 +76,7 @@ async def rename_user(runtime: AppRuntime, *, user_id: str, new_username: str) -
                 oldUsername=current["username"],
                 newUsername=new_username,
                 userId=user_id,
-                seq=renamed["renameSeq"],
+                seq=seq,
             ),
             session=session,
         )

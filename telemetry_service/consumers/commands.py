@@ -1,20 +1,28 @@
-"""The consumer of telemetry_commands: each command's effects and its ack in one transaction."""
+"""The consumer of telemetry_commands: each command's effects and its ack in one transaction.
+
+The handlers orchestrate: identity/ decides whose name and keys change, the projection writer
+re-projects every user whose name changed (publishing their refreshes, I1).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, Message, UserRegistered
+from shared_contracts.messages import (
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    Message,
+    UsernameChanged,
+    UserRegistered,
+)
 from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.consumer import Consumer, Delivery
-from telemetry_service.collections import IDENTITY_MAP, KNOWN_KEYS, KNOWN_USERS, USER_METRICS
-from telemetry_service.consumers.identity_migration import apply_username_changed
+from telemetry_service.identity.keys import record_key_issued, record_key_revoked
+from telemetry_service.identity.store import assign_name, register_user
 from telemetry_service.projection.writer import write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -26,59 +34,57 @@ Handler = Callable[[TelemetryRuntime, AsyncClientSession, Any], Awaitable[None]]
 async def apply_user_registered(
     runtime: TelemetryRuntime, session: AsyncClientSession, command: UserRegistered
 ) -> None:
-    """Know the user, bind any devices it already has buckets on, project it (zeros if none)."""
-    db = runtime.db
-    known = await db[KNOWN_USERS].find_one_and_update(
-        {"_id": command.userId},
-        # setOnInsert: a redelivered registration must not undo a later rename.
-        {"$setOnInsert": {"username": command.username, "registeredAt": datetime.now(UTC)}},
-        upsert=True,
-        return_document=ReturnDocument.AFTER,
-        session=session,
-    )
-    assert known is not None  # an upsert returning the document after always finds one
-    username = str(known["username"])
-    devices = await db[USER_METRICS].distinct(
-        "_id",
-        {"$or": [{"userIds": command.userId}, {"ownerUserId": command.userId}]},
-        session=session,
-    )
-    await db[IDENTITY_MAP].update_one(
-        {"_id": username},
-        {
-            "$set": {"userId": command.userId},
-            "$addToSet": {"distinctIds": {"$each": sorted(devices)}},
-        },
-        upsert=True,
+    """Know the user by name, bind devices it already has buckets on, project it (zeros if
+    it has no events yet)."""
+    changed = await register_user(
+        runtime.db,
+        user_id=command.userId,
+        username=command.username,
+        seq=command.seq,
         session=session,
     )
     await write_projections(
-        db=db, refreshes=runtime.refreshes, reasons={username: "binding"}, session=session
+        db=runtime.db,
+        refreshes=runtime.refreshes,
+        reasons=dict.fromkeys(changed, "binding"),
+        session=session,
+    )
+
+
+async def apply_username_changed(
+    runtime: TelemetryRuntime, session: AsyncClientSession, command: UsernameChanged
+) -> None:
+    """A state assignment (I6): the name moves, the user's data never does. A stale seq
+    changes nothing."""
+    changed = await assign_name(
+        runtime.db,
+        user_id=command.userId,
+        username=command.newUsername,
+        seq=command.seq,
+        session=session,
+    )
+    if not changed:
+        log.info("username_changed seq %d for %s is not newer: no-op", command.seq, command.userId)
+    await write_projections(
+        db=runtime.db,
+        refreshes=runtime.refreshes,
+        reasons=dict.fromkeys(changed, "identity_migration"),
+        session=session,
     )
 
 
 async def apply_api_key_issued(
     runtime: TelemetryRuntime, session: AsyncClientSession, command: ApiKeyIssued
 ) -> None:
-    # Never touches revokedAt: if the revoke overtook the issue, the key stays revoked.
-    await runtime.db[KNOWN_KEYS].update_one(
-        {"_id": command.keyHash},
-        {"$set": {"userId": command.userId}, "$setOnInsert": {"issuedAt": datetime.now(UTC)}},
-        upsert=True,
-        session=session,
+    await record_key_issued(
+        runtime.db, key_hash=command.keyHash, user_id=command.userId, session=session
     )
 
 
 async def apply_api_key_revoked(
     runtime: TelemetryRuntime, session: AsyncClientSession, command: ApiKeyRevoked
 ) -> None:
-    # An upsert: a revoke that arrives before its issue leaves a tombstone the issue respects.
-    await runtime.db[KNOWN_KEYS].update_one(
-        {"_id": command.keyHash},
-        {"$set": {"revokedAt": datetime.now(UTC)}},
-        upsert=True,
-        session=session,
-    )
+    await record_key_revoked(runtime.db, key_hash=command.keyHash, session=session)
 
 
 HANDLERS: dict[str, Handler] = {

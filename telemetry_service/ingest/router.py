@@ -1,5 +1,10 @@
 """POST /ingest. The CLI treats only 202 as delivered and re-sends anything else with the same
-event ids, so a re-sent duplicate is answered 202 and stored once (I2)."""
+event ids, so a re-sent duplicate is answered 202 and stored once (I2).
+
+The API key is not looked up here: its hash is stored with the events and resolved when the
+watcher applies them (I10). So a key the app returned a millisecond ago works at once, and a
+well-formed request is never refused for its key: a 401 would make the CLI hold that batch at
+the head of its spool, and everything newer behind it, for days."""
 
 from __future__ import annotations
 
@@ -14,12 +19,11 @@ from pymongo.errors import BulkWriteError
 
 from shared_contracts import failpoints
 from shared_contracts.api_errors import error_responses
-from shared_contracts.keys import presented_key
+from shared_contracts.keys import api_key_hash, presented_key
 from telemetry_service import counters
 from telemetry_service.collections import EVENTS, UNCLAIMED
 from telemetry_service.deps import RuntimeDep
-from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge
-from telemetry_service.ingest.api_keys import resolve_user_id
+from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge, Unauthorized
 from telemetry_service.ingest.schemas import CliEvent, IngestAccepted
 from telemetry_service.ingest.storable import unstorable
 
@@ -96,7 +100,7 @@ def validate(events: list[Any], is_batch: bool) -> list[CliEvent]:
     "/ingest",
     status_code=202,
     response_model=IngestAccepted,
-    responses=error_responses(400, 401, 413, 422),
+    responses=error_responses(400, 413, 422),
 )
 async def ingest(
     request: Request,
@@ -104,7 +108,8 @@ async def ingest(
     x_api_key: Annotated[str | None, Header(include_in_schema=True)] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> IngestAccepted:
-    """Accept one CLI event or a batch. 202 also for re-sent duplicates (stored once)."""
+    """Accept one CLI event or a batch. 202 also for re-sent duplicates (stored once), and
+    whatever the key: it is resolved when the events are applied."""
     settings = runtime.settings
     body = await read_body(request, settings.max_body_bytes)
     try:
@@ -115,8 +120,12 @@ async def ingest(
         raise InvalidJson("the body is nested too deeply to be a CLI event") from None
     events, is_batch = raw_events(payload, settings.max_events_per_request)
     parsed = validate(events, is_batch)
-    user_id = await resolve_user_id(runtime.db, presented_key(x_api_key, authorization))
-    accepted, duplicates = await store(runtime, events, parsed, user_id)
+    try:
+        key = presented_key(x_api_key, authorization)
+    except Unauthorized:  # a malformed Authorization header: as if the CLI had sent no key
+        key = None
+    key_hash = api_key_hash(key) if key is not None else None
+    accepted, duplicates = await store(runtime, events, parsed, key_hash)
     failpoints.hit(BEFORE_REPLY)
     counters.EVENTS_RECEIVED.labels("accepted").inc(accepted)
     counters.EVENTS_RECEIVED.labels("duplicate").inc(duplicates)
@@ -124,7 +133,7 @@ async def ingest(
 
 
 async def store(
-    runtime: RuntimeDep, events: list[Any], parsed: list[CliEvent], user_id: str | None
+    runtime: RuntimeDep, events: list[Any], parsed: list[CliEvent], key_hash: str | None
 ) -> tuple[int, int]:
     """One unordered insert_many; a duplicate key is an event we already have."""
     now = datetime.now(UTC)
@@ -136,7 +145,7 @@ async def store(
                 "_id": event.event_id,
                 "raw": raw,
                 "distinctId": event.distinct_id,
-                "userId": user_id,
+                "keyHash": key_hash,
                 "receivedAt": now,
                 "processed": False,
                 "leaseUntil": UNCLAIMED,

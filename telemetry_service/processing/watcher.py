@@ -1,11 +1,16 @@
 """The ingest watcher: applies batches of raw events exactly once (I2).
 
-A batch is leased (several watcher replicas are safe), then applied in ONE transaction: device
-buckets (one bulk write), device ownership (I3), identity_map, the projection of every affected
-username through the projection writer (which publishes the refreshes, I1), and finally marking
-the events processed, filtered on our claim token. If our lease was lost meanwhile, that last
-step matches fewer events and the whole transaction aborts, so nothing is ever counted twice,
-wherever a worker dies.
+A batch is leased (several watcher replicas are safe), then applied in ONE transaction:
+1. each event's key is resolved now, not when it arrived (I10): key hash -> userId. A key
+   telemetry does not know yet waits (that event alone, retried shortly, for up to
+   KEY_RESOLVE_GRACE_SECONDS); a revoked key, or one still unknown after that, counts as no key;
+2. device buckets and ownership (devices/, I3);
+3. the devices of each user (identity/);
+4. the projection of every affected user through the projection writer (which publishes the
+   refreshes, I1);
+5. marking the events processed, filtered on our claim token. If our lease was lost meanwhile,
+   that step matches fewer events and the whole transaction aborts, so nothing is ever counted
+   twice, wherever a worker dies.
 """
 
 from __future__ import annotations
@@ -17,9 +22,8 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
-from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import PyMongoError
 
@@ -30,20 +34,12 @@ from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
 from telemetry_service import counters
-from telemetry_service.collections import (
-    EVENTS,
-    IDENTITY_MAP,
-    KNOWN_USERS,
-    USER_METRICS,
-    find_by_ids,
-)
+from telemetry_service.collections import EVENTS
+from telemetry_service.devices.store import AttributedEvent, DeviceWrite, apply_events
+from telemetry_service.identity.keys import known_keys
+from telemetry_service.identity.models import KnownKey
+from telemetry_service.identity.store import bind_devices
 from telemetry_service.ingest.schemas import CliEvent
-from telemetry_service.processing.buckets import (
-    BucketDelta,
-    bucket_path,
-    merge_operators,
-    seen_at,
-)
 from telemetry_service.projection.writer import write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -54,26 +50,71 @@ AFTER_METRICS_WRITE = "ingest.after_metrics_write"
 BEFORE_MARK_PROCESSED = "ingest.before_mark_processed"
 BEFORE_COMMIT = "ingest.before_commit"
 
+KeyOutcome = Literal["user", "no_key", "revoked", "unknown", "waiting"]
+
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     id: str
     event: CliEvent
-    user_id: str | None
+    key_hash: str | None
+    #: Events stored before keys were resolved at apply time carry the userId resolved then.
+    legacy_user_id: str | None
     received_at: datetime
-
-    @property
-    def device(self) -> str:
-        return self.event.distinct_id
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> StoredEvent:
         return cls(
             id=document["_id"],
             event=CliEvent.model_validate(document["raw"]),
-            user_id=document.get("userId"),
+            key_hash=document.get("keyHash"),
+            legacy_user_id=document.get("userId"),
             received_at=document["receivedAt"],
         )
+
+
+def resolve_key(
+    event: StoredEvent, keys: dict[str, KnownKey], *, now: datetime, grace: timedelta
+) -> tuple[KeyOutcome, str | None]:
+    """Whose event this is, decided now (I10). ``waiting``: not decidable yet."""
+    if event.key_hash is None:
+        return ("user", event.legacy_user_id) if event.legacy_user_id else ("no_key", None)
+    key = keys.get(event.key_hash)
+    if key is not None and key.owner is not None:
+        return "user", key.owner
+    if key is not None and key.revokedAt is not None:
+        return "revoked", None
+    if now - event.received_at < grace:
+        return "waiting", None
+    return "unknown", None
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """A batch split by what its keys resolved to."""
+
+    ready: list[AttributedEvent]
+    waiting: list[str]
+    #: Event id -> why its key counted as no key (revoked, unknown): verify lists them.
+    unattributed: dict[str, str]
+
+
+def attribute(
+    batch: list[StoredEvent], keys: dict[str, KnownKey], *, now: datetime, grace: timedelta
+) -> Attribution:
+    ready: list[AttributedEvent] = []
+    waiting: list[str] = []
+    unattributed: dict[str, str] = {}
+    for event in batch:
+        outcome, user_id = resolve_key(event, keys, now=now, grace=grace)
+        counters.KEY_RESOLUTIONS.labels(outcome).inc()
+        if outcome == "waiting":
+            waiting.append(event.id)
+            continue
+        if outcome in ("revoked", "unknown"):
+            unattributed[event.id] = outcome
+        ready.append(AttributedEvent(event.id, event.event, user_id, event.received_at))
+    return Attribution(ready=ready, waiting=waiting, unattributed=unattributed)
 
 
 class IngestWatcher:
@@ -195,50 +236,29 @@ class IngestWatcher:
         self, session: AsyncClientSession, token: str, batch: list[StoredEvent]
     ) -> None:
         db = self.runtime.db
-        devices = await find_by_ids(
-            db[USER_METRICS],
-            {e.device for e in batch},
-            projection={"ownerUserId": 1},
-            session=session,
+        keys = await known_keys(db, {e.key_hash for e in batch if e.key_hash}, session=session)
+        split = attribute(
+            batch,
+            keys,
+            now=datetime.now(UTC),
+            grace=timedelta(seconds=self.settings.key_resolve_grace_seconds),
         )
-        owners = assign_owners(batch, devices)
-        user_ids = {e.user_id for e in batch if e.user_id} | set(owners.values())
-        known = await find_by_ids(db[KNOWN_USERS], user_ids, session=session)
-        usernames = {user_id: str(user["username"]) for user_id, user in known.items()}
-        new_owners = {d: u for d, u in owners.items() if not devices.get(d, {}).get("ownerUserId")}
-        await db[USER_METRICS].bulk_write(
-            device_updates(batch, new_owners), ordered=False, session=session
-        )
+        await self._defer(split.waiting, session)
+        written = await apply_events(db, split.ready, session=session)
         failpoints.hit(AFTER_METRICS_WRITE)
 
-        bindings = identity_bindings(batch, owners, usernames)
-        if bindings:
-            await db[IDENTITY_MAP].bulk_write(
-                [
-                    UpdateOne(
-                        {"_id": name},
-                        {
-                            "$set": {"userId": uid},
-                            "$addToSet": {"distinctIds": {"$each": sorted(ids)}},
-                        },
-                        upsert=True,
-                    )
-                    for name, (uid, ids) in sorted(bindings.items())
-                ],
-                ordered=False,
-                session=session,
-            )
-        bound_users = set(new_owners.values())
+        devices_by_user = user_devices(split.ready, written)
+        await bind_devices(db, devices_by_user, session=session)
+        bound = set(written.new_owners.values())
         reasons: dict[str, RefreshReason] = {
-            name: "binding" if uid in bound_users else "ingest"
-            for name, (uid, _) in bindings.items()
+            user: "binding" if user in bound else "ingest" for user in devices_by_user
         }
         await write_projections(
             db=db,
             refreshes=self.refreshes,
             reasons=reasons,
             session=session,
-            events_received_at=max(e.received_at for e in batch),
+            events_received_at=max((e.received_at for e in split.ready), default=None),
         )
         failpoints.hit(BEFORE_MARK_PROCESSED)
 
@@ -247,73 +267,47 @@ class IngestWatcher:
             {"$set": {"processed": True, "processedAt": datetime.now(UTC)}},
             session=session,
         )
-        if marked.modified_count != len(batch):
-            raise LeaseLost(f"{len(batch) - marked.modified_count} events were taken over")
+        if marked.modified_count != len(split.ready):
+            raise LeaseLost(f"{len(split.ready) - marked.modified_count} events were taken over")
+        await self._record_unattributed(split.unattributed, session)
         failpoints.hit(BEFORE_COMMIT)
 
-
-def assign_owners(batch: list[StoredEvent], devices: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Each device's owner: the one it has, else the first user who authenticated on it (I3).
-
-    A second user on an owned device is recorded, never merged: its events count only for
-    itself, and the device's anonymous history stays with the owner.
-    """
-    owners = {d: str(doc["ownerUserId"]) for d, doc in devices.items() if doc.get("ownerUserId")}
-    noticed: set[tuple[str, str]] = set()
-    for event in sorted(batch, key=lambda e: (seen_at(e.event, e.received_at), e.id)):
-        if event.user_id is None:
-            continue
-        owner = owners.setdefault(event.device, event.user_id)
-        if owner != event.user_id and (event.device, event.user_id) not in noticed:
-            noticed.add((event.device, event.user_id))
-            counters.SHARED_DEVICE.inc()
-            log.warning(
-                "user %s authenticated on device %s owned by user %s: recorded, not merged",
-                event.user_id, event.device, owner,
-            )  # fmt: skip
-    return owners
-
-
-def device_updates(batch: list[StoredEvent], new_owners: dict[str, str]) -> list[UpdateOne]:
-    """One upsert per device: all its buckets' increments in a single update."""
-    deltas: dict[str, dict[str | None, BucketDelta]] = defaultdict(lambda: defaultdict(BucketDelta))
-    for event in batch:
-        deltas[event.device][event.user_id].add(
-            event.event, seen_at(event.event, event.received_at)
+    async def _defer(self, waiting: list[str], session: AsyncClientSession) -> None:
+        """Events whose key is not known yet go back, unclaimed, to be looked at again shortly.
+        Waiting is not failing: the attempt is given back."""
+        if not waiting:
+            return
+        retry_at = datetime.now(UTC) + timedelta(seconds=self.settings.key_resolve_retry_seconds)
+        await self.events.update_many(
+            {"_id": {"$in": waiting}},
+            {
+                "$set": {"leaseUntil": retry_at},
+                "$unset": {"claimToken": ""},
+                "$inc": {"attempts": -1},
+            },
+            session=session,
         )
-    now = datetime.now(UTC)
-    updates = []
-    for device, buckets in sorted(deltas.items()):
-        operators = merge_operators(
-            [d.update_operators(bucket_path(u)) for u, d in buckets.items()]
-        )
-        operators.setdefault("$set", {})["updatedAt"] = now
-        if device in new_owners:
-            operators["$set"] |= {"ownerUserId": new_owners[device], "ownedSince": now}
-        user_ids = sorted(u for u in buckets if u)
-        if user_ids:
-            operators["$addToSet"]["userIds"] = {"$each": user_ids}
-        operators["$setOnInsert"] = {"createdAt": now}
-        updates.append(UpdateOne({"_id": device}, operators, upsert=True))
-    return updates
+
+    async def _record_unattributed(
+        self, unattributed: dict[str, str], session: AsyncClientSession
+    ) -> None:
+        """Events with a key that counted as no key: rare, kept visible for operators."""
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for event_id, reason in unattributed.items():
+            by_reason[reason].append(event_id)
+        for reason, ids in sorted(by_reason.items()):
+            await self.events.update_many(
+                {"_id": {"$in": ids}}, {"$set": {"unattributed": reason}}, session=session
+            )
 
 
-def identity_bindings(
-    batch: list[StoredEvent], owners: dict[str, str], usernames: dict[str, str]
-) -> dict[str, tuple[str, set[str]]]:
-    """username -> (userId, devices to add): devices a user authenticated on or owns.
-
-    Resolved through known_users at processing time, so an event sent with a key before a
-    rename lands under the new name (I10). Every owner of a device in the batch is included,
-    even for anonymous-only events: that is what re-scores a bound device's owner.
-    """
-    pairs = {(e.user_id, e.device) for e in batch if e.user_id}
-    pairs |= {(owner, e.device) for e in batch if (owner := owners.get(e.device))}
-    bindings: dict[str, tuple[str, set[str]]] = {}
+def user_devices(events: list[AttributedEvent], written: DeviceWrite) -> dict[str, set[str]]:
+    """userId -> devices of the batch to add to its identity entry: the devices it
+    authenticated on, and the devices it owns (even for anonymous-only events: that is what
+    re-scores a bound device's owner when the device sends without a key)."""
+    pairs = {(e.user_id, e.device) for e in events if e.user_id}
+    pairs |= {(owner, e.device) for e in events if (owner := written.owners.get(e.device))}
+    devices: dict[str, set[str]] = defaultdict(set)
     for user_id, device in pairs:
-        username = usernames.get(user_id)
-        if username is None:
-            counters.UNKNOWN_USER.inc()
-            continue  # bound when user_registered arrives
-        bindings.setdefault(username, (user_id, set()))[1].add(device)
-    return bindings
+        devices[user_id].add(device)
+    return dict(devices)

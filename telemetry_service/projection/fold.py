@@ -1,4 +1,4 @@
-"""The fold (SPEC section 6): a username's projection from its devices' buckets. Pure Python.
+"""The fold (SPEC section 6): a user's projection from its devices' buckets. Pure Python.
 
 The user's own bucket on every device it has used, plus the anonymous bucket of every device it
 owns (I3). Sums, min/max and set unions only, so the order of devices never matters. It is also
@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from telemetry_service.processing.buckets import ANONYMOUS, SUMMED
+from telemetry_service.devices.buckets import ANONYMOUS
+from telemetry_service.devices.models import SUMMED
 
 #: The fields of a projection that the fold computes (the rest is bookkeeping).
 FOLDED_FIELDS = (
-    "userId",
     "totalInvocations",
     *(name for name in SUMMED if name != "invocations"),
     "commandCounts",
@@ -52,7 +52,6 @@ def fold(
             last = max(filter(None, (last, bucket.get("lastSeenAt"))), default=None)
     total = sums.pop("invocations")
     return {
-        "userId": user_id,
         "totalInvocations": total,
         **sums,
         "commandCounts": dict(sorted(commands.items())),

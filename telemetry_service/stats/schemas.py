@@ -9,8 +9,8 @@ from pydantic import BaseModel, Field
 
 
 class UsernameStats(BaseModel):
-    """A username's projection: its own events on all its devices plus the anonymous events of
-    the devices it owns."""
+    """A user's projection, found by the name it holds now: its own events on all its devices
+    plus the anonymous events of the devices it owns."""
 
     username: str
     userId: str
@@ -31,34 +31,4 @@ class UsernameStats(BaseModel):
 
     @classmethod
     def from_projection(cls, document: dict[str, Any]) -> UsernameStats:
-        return cls.model_validate({**document, "username": document["_id"]})
-
-
-class Bucket(BaseModel):
-    invocations: int = 0
-    successCount: int = 0
-    failureCount: int = 0
-    userErrorCount: int = 0
-    durationMsTotal: int = 0
-    agentInvocations: int = 0
-    workflowSteps: int = 0
-    commandCounts: dict[str, int] = Field(default_factory=dict)
-    activeDays: list[str] = Field(default_factory=list)
-    firstSeenAt: datetime | None = None
-    lastSeenAt: datetime | None = None
-
-
-class DeviceStats(BaseModel):
-    distinctId: str
-    ownerUserId: str | None
-    anonymous: Bucket = Field(description="Events sent without an API key.")
-    users: dict[str, Bucket] = Field(description="Authenticated events, per userId.")
-
-    @classmethod
-    def from_device(cls, document: dict[str, Any]) -> DeviceStats:
-        return cls(
-            distinctId=document["_id"],
-            ownerUserId=document.get("ownerUserId"),
-            anonymous=Bucket.model_validate(document.get("anon", {})),
-            users={u: Bucket.model_validate(b) for u, b in document.get("users", {}).items()},
-        )
+        return cls.model_validate({**document, "userId": document["_id"]})

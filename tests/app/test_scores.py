@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared_contracts.messages import ScoreRefresh
+from swamp_app.collections import USERS
 from swamp_app.scores.scoring import activity_score, canonical_score, score_sources
 from tests.app.conftest import App
 
@@ -17,8 +18,17 @@ def snapshot(days: int, successes: int, commands: dict[str, int] | None = None) 
 
 
 async def refresh(app: App, username: str, version: int, snap: dict[str, Any]) -> None:
+    """A refresh for the user who holds ``username`` (a made-up userId if nobody does)."""
+    user = await app.runtime.db[USERS].find_one({"username": username})
+    user_id = user["_id"] if user else f"no-such-user-{username}"
     await app.runtime.refreshes.publish(
-        ScoreRefresh(username=username, reason="ingest", projectionVersion=version, snapshot=snap)
+        ScoreRefresh(
+            userId=user_id,
+            username=username,
+            reason="ingest",
+            projectionVersion=version,
+            snapshot=snap,
+        )
     )
     await app.apply_refreshes()
 

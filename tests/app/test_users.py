@@ -125,10 +125,10 @@ async def test_rename_changes_user_score_and_command_in_one_commit(app: App) -> 
         "oldUsername": "gina",
         "newUsername": "gina-b",
         "userId": user["id"],
-        "seq": 1,
+        "seq": 2,  # the name clock: 1 was gina's registration
     }
     await app.rename(user["apiKey"], "gina-c")
-    assert [c["seq"] for c in await app.commands("username_changed")] == [1, 2]
+    assert [c["seq"] for c in await app.commands("username_changed")] == [2, 3]
 
 
 async def test_a_crash_after_the_user_update_leaves_all_three_untouched(app: App) -> None:

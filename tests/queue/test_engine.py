@@ -24,7 +24,11 @@ from tests.queue.conftest import FAST, Job
 
 def refresh(username: str, version: int) -> ScoreRefresh:
     return ScoreRefresh(
-        username=username, reason="ingest", projectionVersion=version, snapshot={"v": version}
+        userId=f"id-{username}",
+        username=username,
+        reason="ingest",
+        projectionVersion=version,
+        snapshot={"v": version},
     )
 
 
@@ -51,7 +55,7 @@ async def test_coalescing_keeps_one_pending_message_with_the_last_payload(events
 
 async def test_concurrent_coalescing_publishes_still_leave_one_pending(events: Queue) -> None:
     await asyncio.gather(*(events.publish(refresh("bob", v)) for v in range(1, 31)))
-    assert await events.collection.count_documents({"dedupeKey": "score_refresh:bob"}) == 1
+    assert await events.collection.count_documents({"dedupeKey": "score_refresh:id-bob"}) == 1
 
 
 async def test_with_one_active_a_new_publish_waits_as_exactly_one_pending(events: Queue) -> None:
@@ -250,10 +254,15 @@ async def test_stats_count_per_status_and_type(jobs: Queue) -> None:
     [
         ({"schemaVersion": 1}, "missing or non-string 'type'"),
         ({"type": "nope", "schemaVersion": 1}, "unknown message type 'nope'"),
-        ({"type": "score_refresh", "schemaVersion": 2}, "unsupported schemaVersion 2"),
+        ({"type": "score_refresh", "schemaVersion": 3}, "unsupported schemaVersion 3"),
         ({"type": "score_refresh", "schemaVersion": True}, "unsupported schemaVersion True"),
+        # Version 1 named only a username, which may belong to someone else by now.
         (
-            {"type": "score_refresh", "schemaVersion": 1, "username": "Bad Name"},
+            {"type": "score_refresh", "schemaVersion": 1, "username": "alice"},
+            "unsupported schemaVersion 1",
+        ),
+        (
+            {"type": "score_refresh", "schemaVersion": 2, "userId": "u1", "username": "Bad Name"},
             "invalid score_refresh: username",
         ),
     ],

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from shared_contracts.keys import api_key_hash as key_hash
-from shared_contracts.messages import ApiKeyIssued, UserRegistered
+from shared_contracts.messages import ApiKeyIssued, UsernameChanged, UserRegistered
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.main import create_app
 from telemetry_service.processing.watcher import IngestWatcher
@@ -84,20 +84,41 @@ class Telemetry:
     http: httpx.AsyncClient
     runtime: TelemetryRuntime
     watcher: IngestWatcher
+    #: The app's name clock as these tests play the app: every assignment takes the next value.
+    clock: int = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
 
     async def post(self, body: Any, key: str | None = None, **headers: str) -> httpx.Response:
         if key is not None:
             headers["x-api-key"] = key
         return await self.http.post("/ingest", json=body, headers=headers)
 
-    async def register(self, username: str, *, user_id: str | None = None) -> tuple[str, str]:
+    async def register(
+        self, username: str, *, user_id: str | None = None, drain: bool = True
+    ) -> tuple[str, str]:
         """A user as the app would create it: user_registered + api_key_issued commands."""
         user_id = user_id or uuid.uuid4().hex
         key = f"swamp_{uuid.uuid4().hex}"
-        await self.runtime.commands.publish(UserRegistered(userId=user_id, username=username))
+        await self.runtime.commands.publish(
+            UserRegistered(userId=user_id, username=username, seq=self.tick())
+        )
         await self.runtime.commands.publish(ApiKeyIssued(userId=user_id, keyHash=key_hash(key)))
-        await self.drain()
+        if drain:
+            await self.drain()
         return user_id, key
+
+    def renamed(self, user_id: str, old: str, new: str, seq: int | None = None) -> UsernameChanged:
+        """The command the app publishes for a rename (the next clock value unless given)."""
+        return UsernameChanged(
+            oldUsername=old, newUsername=new, userId=user_id, seq=seq or self.tick()
+        )
+
+    async def rename(self, user_id: str, old: str, new: str, seq: int | None = None) -> None:
+        await self.runtime.commands.publish(self.renamed(user_id, old, new, seq))
+        await self.drain()
 
     async def drain(self) -> None:
         """Apply everything pending: commands, then event batches."""
@@ -110,9 +131,13 @@ class Telemetry:
         body: dict[str, Any] = response.json()
         return body
 
-    async def refreshes(self, username: str) -> list[dict[str, Any]]:
+    async def stats_status(self, username: str) -> int:
+        response = await self.http.get("/v1/stats", params={"username": username})
+        return response.status_code
+
+    async def refreshes(self, user_id: str) -> list[dict[str, Any]]:
         collection = self.runtime.refreshes.collection
-        return await collection.find({"username": username}).sort("projectionVersion").to_list()
+        return await collection.find({"userId": user_id}).sort("projectionVersion").to_list()
 
 
 @pytest.fixture

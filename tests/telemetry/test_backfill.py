@@ -13,7 +13,13 @@ import pytest
 
 from shared_contracts import failpoints
 from telemetry_service.backfill import AFTER_BATCH, MARKER, Backfill
-from telemetry_service.collections import IDENTITY_MAP, MIGRATIONS, USER_METRICS, USERNAME_METRICS
+from telemetry_service.collections import (
+    IDENTITY_MAP,
+    KNOWN_USERS,
+    MIGRATIONS,
+    USER_METRICS,
+    USERNAME_METRICS,
+)
 from telemetry_service.projection.verify import find_drift
 from telemetry_service.runtime import TelemetryRuntime
 from tests.support import DbNames
@@ -41,11 +47,12 @@ def bucket(invocations: int) -> dict[str, object]:
 
 
 async def seed_dormant_users(runtime: TelemetryRuntime, count: int) -> list[str]:
-    """Users whose devices hold anonymous history the stored projection never counted."""
+    """Users whose devices hold anonymous history the stored projection never counted.
+    Returns their userIds (``uid00``, ...; user ``uidNN`` is called ``dormant-NN``)."""
     db = runtime.db
-    usernames = [f"dormant-{i:02d}" for i in range(count)]
-    for i, username in enumerate(usernames):
-        user_id = f"uid{i}"
+    user_ids = [f"uid{i:02d}" for i in range(count)]
+    for i, user_id in enumerate(user_ids):
+        username = f"dormant-{i:02d}"
         devices = [f"{username}-laptop", f"{username}-desk"]
         await db[USER_METRICS].insert_many(
             [
@@ -59,18 +66,19 @@ async def seed_dormant_users(runtime: TelemetryRuntime, count: int) -> list[str]
                 },
             ]
         )
+        await db[KNOWN_USERS].insert_one({"_id": user_id, "username": username, "nameSeq": i})
         await db[IDENTITY_MAP].insert_one(
-            {"_id": username, "userId": user_id, "distinctIds": devices}
+            {"_id": user_id, "username": username, "distinctIds": devices}
         )
         await db[USERNAME_METRICS].insert_one(
             {
-                "_id": username,
-                "userId": user_id,
+                "_id": user_id,
+                "username": username,
                 "totalInvocations": 2,
                 "projectionVersion": STALE_VERSION,
             }
         )
-    return usernames
+    return user_ids
 
 
 def quick(runtime: TelemetryRuntime, batch: int = 5) -> TelemetryRuntime:
@@ -90,7 +98,7 @@ async def versions(runtime: TelemetryRuntime) -> dict[str, int]:
 async def backfill_refreshes(runtime: TelemetryRuntime) -> dict[str, int]:
     found: dict[str, int] = {}
     async for message in runtime.refreshes.collection.find({"reason": "backfill"}):
-        found[message["username"]] = message["projectionVersion"]
+        found[message["userId"]] = message["projectionVersion"]
     return found
 
 
@@ -98,46 +106,46 @@ async def test_the_backfill_corrects_every_projection_and_publishes_its_refresh(
     telemetry: Telemetry,
 ) -> None:
     runtime = quick(telemetry.runtime)
-    usernames = await seed_dormant_users(runtime, 12)
+    user_ids = await seed_dormant_users(runtime, 12)
     assert len(await find_drift(runtime.db)) == 12
     assert await Backfill(runtime).run_if_needed()
     assert await find_drift(runtime.db) == []
     assert (await telemetry.stats("dormant-00"))["totalInvocations"] == 4 + 1 + 2
-    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
-    assert await backfill_refreshes(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    assert await versions(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
+    assert await backfill_refreshes(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
     marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
-    assert (marker["status"], marker["usernames"], marker["batches"]) == ("done", 12, 3)
+    assert (marker["status"], marker["users"], marker["batches"]) == ("done", 12, 3)
 
 
 async def test_a_crash_after_two_batches_resumes_at_the_third(telemetry: Telemetry) -> None:
     runtime = quick(telemetry.runtime)
-    usernames = await seed_dormant_users(runtime, 12)
+    user_ids = await seed_dormant_users(runtime, 12)
     failpoints.arm(AFTER_BATCH, skip=1, times=1)  # the second batch commits, then the crash
     with pytest.raises(failpoints.FailpointError):
         await Backfill(runtime, owner="crashed").run_if_needed()
     marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
-    assert (marker["status"], marker["lastUsername"], marker["batches"]) == (
+    assert (marker["status"], marker["lastUserId"], marker["batches"]) == (
         "running",
-        usernames[9],
+        user_ids[9],
         2,
     )
     assert not await Backfill(runtime, owner="too-early").run_if_needed()  # lease still held
     await asyncio.sleep(0.4)  # the crashed replica's lease expires
     assert await Backfill(runtime, owner="restarted").run_if_needed()
     marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
-    assert (marker["status"], marker["batches"], marker["usernames"]) == ("done", 3, 12)
+    assert (marker["status"], marker["batches"], marker["users"]) == ("done", 3, 12)
     # One projection write per username: no batch was redone.
-    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
-    assert await backfill_refreshes(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    assert await versions(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
+    assert await backfill_refreshes(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
 
 
 async def test_after_completion_it_does_not_run_again(telemetry: Telemetry) -> None:
     runtime = quick(telemetry.runtime)
-    usernames = await seed_dormant_users(runtime, 3)
+    user_ids = await seed_dormant_users(runtime, 3)
     assert await Backfill(runtime).run_if_needed()
     assert not await Backfill(runtime).run_if_needed()
     await Backfill(runtime).run_in_background()  # returns at once: the marker is done
-    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    assert await versions(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
 
 
 async def test_two_replicas_starting_together_run_it_once(telemetry: Telemetry) -> None:
@@ -146,10 +154,10 @@ async def test_two_replicas_starting_together_run_it_once(telemetry: Telemetry) 
         settings=runtime.settings.model_copy(update={"backfill_lease_seconds": 30}),
         client=runtime.client,
     )
-    usernames = await seed_dormant_users(runtime, 6)
+    user_ids = await seed_dormant_users(runtime, 6)
     ran = await asyncio.gather(Backfill(runtime).run_if_needed(), Backfill(runtime).run_if_needed())
     assert sorted(ran) == [False, True]
-    assert await versions(runtime) == dict.fromkeys(usernames, STALE_VERSION + 1)
+    assert await versions(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
 
 
 async def test_the_operator_commands(
@@ -173,8 +181,8 @@ async def test_the_operator_commands(
 
     assert await swamp_club("--dry-run") == (0, "4 projection(s) would change")
     assert (await swamp_club("--status"))[1] == '{"status": "pending"}'
-    assert await swamp_club() == (0, "backfill ran: done, 4 usernames")
+    assert await swamp_club() == (0, "backfill ran: done, 4 users")
     assert await swamp_club("--dry-run") == (0, "0 projection(s) would change")
     assert (await swamp_club())[1].startswith("backfill did not run")
-    assert await swamp_club("--rerun") == (0, "backfill ran: done, 4 usernames")
+    assert await swamp_club("--rerun") == (0, "backfill ran: done, 4 users")
     assert (await swamp_club("--status", "--rerun"))[0] == 2

@@ -62,12 +62,13 @@ async def test_verify_exits_1_on_drift_and_0_without(
         runtime: TelemetryRuntime = app.state.runtime
         from telemetry_service.consumers.commands import command_consumer
 
-        await runtime.commands.publish(UserRegistered(userId="u-7", username="olga"))
+        await runtime.commands.publish(UserRegistered(userId="u-7", username="olga", seq=1))
         await command_consumer(runtime).drain()
-        assert await swamp_club(env, "telemetry", "verify") == (0, "no drift\n")
+        code, output = await swamp_club(env, "telemetry", "verify")
+        assert (code, output.splitlines()[0]) == (0, "no drift"), output
         await runtime.db[USERNAME_METRICS].update_one(
-            {"_id": "olga"}, {"$set": {"totalInvocations": 5}}
+            {"_id": "u-7"}, {"$set": {"totalInvocations": 5}}
         )
         code, output = await swamp_club(env, "telemetry", "verify")
     assert code == 1
-    assert "olga: projection differs from the fold (totalInvocations)" in output
+    assert "u-7: projection differs from the fold (totalInvocations)" in output

@@ -1,4 +1,4 @@
-"""Per-device counters (SPEC section 6): how a batch of events becomes one update per device.
+"""Per-device counters (SPEC section 6): what a batch of events adds to one bucket.
 
 A device document holds one bucket for its anonymous events (``anon``) and one per user who
 authenticated on it (``users.<userId>``: keyed by id, so renames never touch it), plus
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from telemetry_service.devices.models import SUMMED
 from telemetry_service.ingest.schemas import CliEvent
 
 ANONYMOUS = "anon"
@@ -61,15 +62,6 @@ class BucketDelta:
         }
 
 
-SUMMED = (
-    "invocations",
-    "successCount",
-    "failureCount",
-    "userErrorCount",
-    "durationMsTotal",
-    "agentInvocations",
-    "workflowSteps",
-)
 _UNSAFE = re.compile(r"[.$\x00]")
 
 
