@@ -268,6 +268,9 @@ def crash_in_the_middle_of_the_backfill(mongo_uri: str, db_names: DbNames) -> No
             tele.username_metrics.insert_one(
                 {"_id": f"bf{i}", "username": f"bf-user-{i:02d}", "projectionVersion": 3}
             )
+            tele.known_users.insert_one(
+                {"_id": f"bf{i}", "username": f"bf-user-{i:02d}", "nameSeq": i}
+            )
         tele.migrations.insert_one({"_id": "identity_by_user_id", "status": "done"})
         # The backfill runs at start-up and may crash before the health check answers.
         crashing = Up(mongo_uri, db_names, "backfill.after_batch", dies_at_start_up=True)
