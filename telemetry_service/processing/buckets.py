@@ -7,13 +7,14 @@ authenticated on it (``users.<userId>``: keyed by id, so renames never touch it)
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from telemetry_service import counters
 from telemetry_service.ingest.schemas import CliEvent
+from telemetry_service.processing import cli_commands
 
 ANONYMOUS = "anon"
 
@@ -70,14 +71,20 @@ SUMMED = (
     "agentInvocations",
     "workflowSteps",
 )
-_UNSAFE = re.compile(r"[.$\x00]")
 
 
 def command_key(event: CliEvent) -> str:
-    """`command subcommand`, usable as a field name ('.' and '$' would be paths/operators)."""
+    """The key an event counts under in ``commandCounts``: ``command subcommand`` only when both
+    are in the CLI's command tree (``cli_commands.py``), an unknown subcommand under its command
+    alone, an unknown command under ``other``. Every key is a word of the tree, so it is a safe
+    field name and a user's values never become public counters. Unknown words are counted on
+    /metrics (by position and known command, never by the word) so a newer CLI gets noticed."""
     invocation = event.properties.invocation
-    key = " ".join(filter(None, (invocation.command, invocation.subcommand))) or "(none)"
-    return _UNSAFE.sub("_", key)[:100]
+    key, unknown = cli_commands.classify(invocation.command, invocation.subcommand)
+    if unknown is not None:
+        command = key if unknown == "subcommand" else cli_commands.OTHER
+        counters.UNKNOWN_COMMAND_WORDS.labels(position=unknown, command=command).inc()
+    return key
 
 
 #: The client's clock is trusted only this far from the server's (SPEC I12): the CLI re-sends

@@ -6,10 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from telemetry_service.ingest.schemas import CliEvent
+from telemetry_service.processing import cli_commands
 from telemetry_service.processing.buckets import (
     TRUSTED_FUTURE,
     TRUSTED_PAST,
@@ -17,7 +20,7 @@ from telemetry_service.processing.buckets import (
     seen_at,
     utc_day,
 )
-from tests.telemetry.conftest import cli_event
+from tests.telemetry.conftest import Telemetry, cli_event
 
 RECEIVED = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -107,3 +110,98 @@ def test_any_offset_of_a_trusted_instant_counts_for_the_same_utc_day(
     local = seen_at(event(instant.astimezone(offset).isoformat()), received)
     assert local == instant
     assert utc_day(local) == instant.date().isoformat()
+
+
+# --- command names from the CLI's vocabulary -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "subcommand", "key", "unknown"),
+    [
+        ("model", "create", "model create", None),
+        ("workflow", "run", "workflow run", None),
+        ("vault", "read-secret", "vault read-secret", None),
+        ("model", None, "model", None),
+        ("model", "", "model", None),
+        ("model", "frobnicate", "model", "subcommand"),  # a newer CLI's subcommand
+        ("init", "my-repo", "init", None),  # init takes a value there, never a subcommand
+        ("version", "--json", "version", None),
+        ("frobnicate", None, "other", "command"),
+        ("my-secret-project", "x", "other", "command"),
+        ("Model", "create", "other", "command"),
+        ("", None, "(none)", None),
+    ],
+)
+def test_words_count_by_name_only_when_the_cli_tree_has_them(
+    command: str, subcommand: str | None, key: str, unknown: str | None
+) -> None:
+    assert cli_commands.classify(command, subcommand) == (key, unknown)
+
+
+def test_the_tree_is_the_cli_s_at_commit_06b61472() -> None:
+    tree = cli_commands.COMMANDS
+    assert len(tree) == 27
+    assert tree["init"] == frozenset()
+    assert tree["help"] == frozenset()
+    assert len(tree["extension"]) == 19
+    assert {"read-secret", "list-keys", "audit-trail"} <= tree["vault"]
+    assert tree["telemetry"] == {"stats"}
+    assert cli_commands.OTHER not in tree
+
+
+def test_the_tree_is_easy_to_extend_and_refuses_what_is_not_a_word() -> None:
+    newer = cli_commands.parse_tree(cli_commands.CLI_COMMAND_TREE + "garden: plant\n")
+    assert cli_commands.classify("garden", "plant", newer) == ("garden plant", None)
+    assert cli_commands.classify("garden", "plant") == ("other", "command")
+    for bad in ("model: a.b", "$x: y", "model: create\nmodel: get", "other: x", "Caps"):
+        with pytest.raises(ValueError, match="line"):
+            cli_commands.parse_tree(bad)
+
+
+words = st.one_of(
+    st.sampled_from(sorted({w for c, subs in cli_commands.COMMANDS.items() for w in (c, *subs)})),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=300)
+@given(words, st.one_of(st.none(), words))
+def test_every_key_is_from_the_tree(command: str, subcommand: str | None) -> None:
+    key, unknown = cli_commands.classify(command, subcommand)
+    tree = cli_commands.COMMANDS
+    first, _, second = key.partition(" ")
+    assert first in tree or key in (cli_commands.OTHER, cli_commands.NO_COMMAND)
+    assert not second or second in tree[first]
+    assert not set(key) & {".", "$", "\x00"}  # a safe field name, whatever was sent
+    if command in tree and (not subcommand or subcommand in tree[command]):
+        assert key == " ".join(filter(None, (command, subcommand)))
+    assert (unknown == "command") == (bool(command) and command not in tree)
+
+
+def unknown_words(position: str, command: str) -> float:
+    labels = {"position": position, "command": command}
+    return REGISTRY.get_sample_value("swamp_ingest_unknown_command_words_total", labels) or 0.0
+
+
+async def test_invented_words_are_counted_on_metrics_not_in_public_counters(
+    telemetry: Telemetry,
+) -> None:
+    before = (unknown_words("command", "other"), unknown_words("subcommand", "model"))
+    sent = [("model", "create"), ("init", "my-secret-repo"), ("model", "frobnicate")]
+    sent += [(f"invented-{n}", None) for n in range(3)]
+    events = []
+    for command, subcommand in sent:
+        event = cli_event("dev-words", command=command)
+        event["properties"]["invocation"]["subcommand"] = subcommand
+        events.append(event)
+    assert (await telemetry.post({"events": events})).status_code == 202
+    await telemetry.drain()
+    device = await telemetry.http.get("/v1/stats", params={"distinct_id": "dev-words"})
+    counts = device.json()["anonymous"]["commandCounts"]
+    assert counts == {"model create": 1, "init": 1, "model": 1, "other": 3}
+    after = (unknown_words("command", "other"), unknown_words("subcommand", "model"))
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 1)
+    exposed = (await telemetry.http.get("/metrics")).text
+    assert 'swamp_ingest_unknown_command_words_total{command="other",position="command"}' in exposed
+    assert "invented" not in exposed
+    assert "my-secret-repo" not in exposed
