@@ -7,15 +7,31 @@ one pending message per key) and an ``ordering_key`` (handled one at a time in p
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 
 #: Usernames as the app enforces them; repeated here so every consumer validates what enters it.
+#: pydantic's default (Rust) engine reads ``$`` as the end of the text, as JSON Schema does; the
+#: full match below keeps it so under Python's ``re`` too, where ``$`` also matches before a
+#: final newline ("zed\n") and which pydantic switches to for lookarounds.
 USERNAME_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
-Username = Annotated[str, Field(min_length=3, max_length=39, pattern=USERNAME_PATTERN)]
+
+
+def _whole_username(value: str) -> str:
+    if re.fullmatch(USERNAME_PATTERN, value) is None:
+        raise ValueError("a username is 3-39 lowercase letters, digits and single hyphens")
+    return value
+
+
+Username = Annotated[
+    str,
+    Field(min_length=3, max_length=39, pattern=USERNAME_PATTERN),
+    AfterValidator(_whole_username),
+]
 UserId = Annotated[str, Field(min_length=1, max_length=64)]
 KeyHash = Annotated[
     str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the API key, hex")

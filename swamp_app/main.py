@@ -11,6 +11,7 @@ from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from swamp_app import admin, health
 from swamp_app.api_keys.router import router as api_keys_router
+from swamp_app.body_limit import BodySizeLimit
 from swamp_app.collections import ensure_indexes
 from swamp_app.errors import install_error_handlers
 from swamp_app.runtime import AppRuntime
@@ -56,6 +57,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="swamp-club app", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # inside request ids
     install_observability(app, service="app")
     app.include_router(health.router)
     app.include_router(users_router)

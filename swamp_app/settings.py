@@ -11,6 +11,12 @@ class AppSettings(BusSettings):
     host: str = Field(default="127.0.0.1", alias="APP_HOST")
     port: int = Field(default=8000, alias="APP_PORT", ge=1, le=65535)
     score_history_cap: int = Field(default=50, alias="SCORE_HISTORY_CAP", ge=1, le=10_000)
+    max_body_bytes: int = Field(
+        default=64 * 1024,
+        alias="APP_MAX_BODY_BYTES",
+        ge=1024,
+        description="Larger request bodies get 413 (the app's bodies are a few hundred bytes).",
+    )
     run_workers: bool = Field(
         default=True,
         alias="APP_RUN_WORKERS",

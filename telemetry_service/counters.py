@@ -18,6 +18,12 @@ KEY_RESOLUTIONS = Counter(
     "unknown (grace period over: counted as no key), waiting (not known yet, retried)",
     ["outcome"],
 )
+UNKNOWN_COMMAND_WORDS = Counter(
+    "swamp_ingest_unknown_command_words_total",
+    "Command words outside the CLI's command tree (a newer CLI?), counted under 'other' or under"
+    " their known command; labelled by position and known command, never by the word itself",
+    ["position", "command"],
+)
 EVENTS_DEAD = Counter(
     "swamp_ingest_events_dead_total",
     "Events set aside after failing max attempts (kept, retryable)",

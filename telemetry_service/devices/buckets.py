@@ -7,12 +7,13 @@ authenticated on it (``users.<userId>``: keyed by id, so renames never touch it)
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from telemetry_service import counters
+from telemetry_service.devices import cli_commands
 from telemetry_service.devices.models import SUMMED
 from telemetry_service.ingest.schemas import CliEvent
 
@@ -47,7 +48,7 @@ class BucketDelta:
         self.agentInvocations += bool(context and context.agentSessionDetected)
         self.workflowSteps += properties.workflowContext is not None
         self.commandCounts[command_key(event)] += 1
-        self.activeDays.add(seen_at.date().isoformat())
+        self.activeDays.add(utc_day(seen_at))
         self.firstSeenAt = min(filter(None, (self.firstSeenAt, seen_at)))
         self.lastSeenAt = max(filter(None, (self.lastSeenAt, seen_at)))
 
@@ -62,18 +63,56 @@ class BucketDelta:
         }
 
 
-_UNSAFE = re.compile(r"[.$\x00]")
-
-
 def command_key(event: CliEvent) -> str:
-    """`command subcommand`, usable as a field name ('.' and '$' would be paths/operators)."""
+    """The key an event counts under in ``commandCounts``: ``command subcommand`` only when both
+    are in the CLI's command tree (``cli_commands.py``), an unknown subcommand under its command
+    alone, an unknown command under ``other``. Every key is a word of the tree, so it is a safe
+    field name and a user's values never become public counters. Unknown words are counted on
+    /metrics (by position and known command, never by the word) so a newer CLI gets noticed."""
     invocation = event.properties.invocation
-    key = " ".join(filter(None, (invocation.command, invocation.subcommand))) or "(none)"
-    return _UNSAFE.sub("_", key)[:100]
+    key, unknown = cli_commands.classify(invocation.command, invocation.subcommand)
+    if unknown is not None:
+        command = key if unknown == "subcommand" else cli_commands.OTHER
+        counters.UNKNOWN_COMMAND_WORDS.labels(position=unknown, command=command).inc()
+    return key
+
+
+#: The client's clock is trusted only this far from the server's (SPEC I12): the CLI re-sends
+#: for up to 7 days (a day more for time zones and the last flush), and a few minutes of clock
+#: skew ahead are normal. Anything else is a wrong clock or an invented date.
+TRUSTED_PAST = timedelta(days=8)
+TRUSTED_FUTURE = timedelta(minutes=5)
 
 
 def seen_at(event: CliEvent, received_at: datetime) -> datetime:
-    return event.properties.startedAt or received_at
+    """When the event happened, in UTC, by the server's clock: the client's ``startedAt`` only
+    within ``[received_at - 8 days, received_at + 5 minutes]``, else ``received_at``.
+
+    Total for any event: a ``startedAt`` that has no UTC value (its offset pushes it past
+    years 1-9999) counts as out of the window. A naive ``received_at`` is taken as UTC."""
+    received = as_utc(received_at)
+    started = event.properties.startedAt
+    if started is None:
+        return received
+    try:
+        started = as_utc(started)
+    except OverflowError:
+        return received
+    if received - TRUSTED_PAST <= started <= received + TRUSTED_FUTURE:
+        return started
+    return received
+
+
+def as_utc(moment: datetime) -> datetime:
+    """The same instant in UTC (naive means UTC). OverflowError if it has no UTC value."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def utc_day(moment: datetime) -> str:
+    """The UTC day of an instant, ``YYYY-MM-DD``: 2026-03-01T23:30-05:00 is 2026-03-02."""
+    return as_utc(moment).date().isoformat()
 
 
 def bucket_path(user_id: str | None) -> str:

@@ -3,9 +3,35 @@ newer CLIs add fields, and the raw event is stored as received."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+#: The longest duration one event adds to a sum: 7 days. A longer ``durationMs`` (a ``swamp
+#: serve`` that ran for weeks, or a hostile 2^63-1) is accepted and counted as 7 days, so no sum
+#: can overflow int64: it would take 2^63 / 604,800,000 = 1.5e10 events of one user.
+MAX_DURATION_MS = 7 * 24 * 60 * 60 * 1000
+
+
+def _clamp_duration(value: int | None) -> int | None:
+    return None if value is None else min(value, MAX_DURATION_MS)
+
+
+def _in_utc(value: datetime) -> datetime:
+    """The instant in UTC; refused if it has none (its offset moves it past years 1-9999)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is outside years 1-9999 once converted to UTC") from None
+
+
+#: ISO 8601 with a UTC offset, normalised to UTC; any instant of years 1-9999 is accepted, and
+#: which day it counts for is decided by the server's clock (``devices/buckets.seen_at``).
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+#: Milliseconds, >= 0; above MAX_DURATION_MS counted as MAX_DURATION_MS (the raw event keeps
+#: what was sent).
+DurationMs = Annotated[int, Field(ge=0), AfterValidator(_clamp_duration)]
 
 
 class Invocation(BaseModel):
@@ -33,9 +59,9 @@ class EventProperties(BaseModel):
     id: str | None = Field(default=None, min_length=1, max_length=200)
     invocation: Invocation
     result: Result
-    startedAt: AwareDatetime | None = None
-    completedAt: AwareDatetime | None = None
-    durationMs: int | None = Field(default=None, ge=0)
+    startedAt: UtcDatetime | None = None
+    completedAt: UtcDatetime | None = None
+    durationMs: DurationMs | None = None
     invocationContext: InvocationContext | None = None
     workflowContext: dict[str, Any] | None = None
 

@@ -33,7 +33,16 @@ def _problem(value: Any) -> str | None:
     return None
 
 
+#: Field names of a DBRef: the driver reads an object holding ``$ref`` and ``$id`` back as a
+#: ``DBRef``, not the object sent, which then fails re-validation. The CLI never sends them, so
+#: all three are refused anywhere. Other ``$`` names (the CLI's own ``$repo_id``, a newer CLI's)
+#: are stored and read back unchanged: MongoDB 5.0+ stores them as sent on insert.
+DBREF_FIELDS = frozenset({"$ref", "$id", "$db"})
+
+
 def _key_problem(key: str) -> str | None:
+    if key in DBREF_FIELDS:
+        return f"a field named {key} (reserved for DBRefs: it would not read back as sent)"
     if "\x00" in key:
         return "a field name with a NUL character"
     if _has_surrogate(key):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from telemetry_service.collections import EVENTS
-from telemetry_service.ingest.storable import MAX_DEPTH, unstorable
+from telemetry_service.ingest.storable import DBREF_FIELDS, MAX_DEPTH, unstorable
 from tests.telemetry.conftest import Telemetry, cli_event
 
 
@@ -153,7 +153,9 @@ async def test_a_10000_event_batch_is_413_and_a_unicode_username_422(telemetry: 
 
 
 surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1)
-any_text = st.text(max_size=8) | surrogates | st.just("a\x00b")
+any_text = (
+    st.text(max_size=8) | surrogates | st.just("a\x00b") | st.sampled_from(sorted(DBREF_FIELDS))
+)
 bson_hostile = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | any_text,
     lambda children: (
@@ -166,12 +168,22 @@ bson_hostile = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(value=bson_hostile)
 def test_unstorable_says_exactly_what_bson_refuses(value: Any) -> None:
+    """Refused: what BSON cannot encode, and DBRef field names (the one shape that encodes but
+    does not read back as sent). All else reads back unchanged."""
     try:
-        bson.encode({"raw": value})
+        encoded = bson.encode({"raw": value})
         encodes = True
     except (bson.errors.InvalidDocument, UnicodeEncodeError, OverflowError):
         encodes = False
-    assert (unstorable(value) is None) == encodes
+    assert (unstorable(value) is None) == (encodes and not has_dbref_field(value))
+    if unstorable(value) is None:
+        assert bson.decode(encoded) == {"raw": value}
+
+
+def has_dbref_field(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(DBREF_FIELDS & value.keys()) or any(map(has_dbref_field, value.values()))
+    return isinstance(value, list) and any(map(has_dbref_field, value))
 
 
 json_values = st.recursive(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -33,7 +34,15 @@ async def test_the_documented_single_event_is_accepted_stored_and_processed(
     assert body["anonymous"]["invocations"] == 1
     assert body["anonymous"]["failureCount"] == 1
     assert body["anonymous"]["commandCounts"] == {"model create": 1}
-    assert body["anonymous"]["activeDays"] == ["2026-09-14"]
+    # The documented startedAt (2026-09-14) is outside [receivedAt - 8 days, receivedAt + 5 min]
+    # whenever these tests run, so the day is the server's (SPEC I12): the UTC day received.
+    received = raw["receivedAt"]
+    assert (
+        not received - timedelta(days=8)
+        <= datetime(2026, 9, 14, tzinfo=UTC)
+        <= received + timedelta(minutes=5)
+    )
+    assert body["anonymous"]["activeDays"] == [received.astimezone(UTC).date().isoformat()]
 
 
 async def test_a_batch_is_accepted_and_counted(telemetry: Telemetry) -> None:

@@ -1,0 +1,19 @@
+"""GET /v1/stats?username= matches the username whole, like the app and the message schemas."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.telemetry.conftest import Telemetry
+
+
+@pytest.mark.parametrize("name", ["zed\n", "zed\r\n", "\nzed", "zed\n\n", "ze\nd"])
+async def test_a_username_with_a_newline_is_422(telemetry: Telemetry, name: str) -> None:
+    response = await telemetry.http.get("/v1/stats", params={"username": name})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["loc"] == "query.username"
+
+
+async def test_a_well_formed_unknown_username_is_404(telemetry: Telemetry) -> None:
+    response = await telemetry.http.get("/v1/stats", params={"username": "zed"})
+    assert response.status_code == 404
