@@ -39,7 +39,7 @@ async def seed(db: Any, usernames: int) -> None:
         entries, devices = [], []
         for i in range(start, min(start + 2000, usernames)):
             uid, ids = f"u{i}", [f"d{i}-{k}" for k in range(DEVICES_PER_USER)]
-            entries.append({"_id": f"user-{i:07d}", "userId": uid, "distinctIds": ids})
+            entries.append({"_id": uid, "username": f"user-{i:07d}", "distinctIds": ids})
             devices += [
                 {"_id": d, "ownerUserId": uid, "anon": bucket(k + 1), "users": {uid: bucket(2)}}
                 for k, d in enumerate(ids)
@@ -61,7 +61,7 @@ async def raw_scan_and_write(db: Any, batch: int) -> None:
         writes = [
             ReplaceOne(
                 {"_id": e["_id"]},
-                fold(e["userId"], [devices[d] for d in e["distinctIds"]], e["distinctIds"]),
+                fold(e["_id"], [devices[d] for d in e["distinctIds"]], e["distinctIds"]),
                 upsert=True,
             )
             for e in entries

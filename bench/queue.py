@@ -99,7 +99,11 @@ async def coalescing(client: Client, observer: Client, db: str, burst: int) -> t
         snapshot = {"totalInvocations": version}
         await queue.publish(
             ScoreRefresh(
-                username="burst", reason="ingest", projectionVersion=version, snapshot=snapshot
+                userId="burst-user",
+                username="burst",
+                reason="ingest",
+                projectionVersion=version,
+                snapshot=snapshot,
             )
         )
     events = observer[db][SWAMP_CLUB_EVENTS]

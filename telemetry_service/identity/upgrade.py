@@ -56,6 +56,7 @@ class IdentityUpgrade:
         await self.db[KNOWN_USERS].update_many(
             {"renameSeq": {"$exists": True}}, {"$rename": {"renameSeq": "nameSeq"}}
         )
+        await self._retire_refreshes_by_username()
         converted = 0
         while count := await in_transaction(self.runtime.client, self._convert_entries):
             converted += count
@@ -72,6 +73,18 @@ class IdentityUpgrade:
         if converted:
             log.info("identity upgrade: %d users now keyed by userId", converted)
         return converted
+
+    async def _retire_refreshes_by_username(self) -> None:
+        """Our own outgoing score_refresh v1 messages still waiting name only a username; the
+        app reads v2 only. Every user they could concern is re-projected below (publishing a
+        v2 refresh), so they are finished as superseded instead of dying in the app."""
+        now = datetime.now(UTC)
+        retired = await self.runtime.refreshes.collection.update_many(
+            {"type": "score_refresh", "schemaVersion": 1, "status": {"$in": ["pending", "dead"]}},
+            {"$set": {"status": "done", "doneAt": now, "supersededAt": now, "updatedAt": now}},
+        )
+        if retired.modified_count:
+            log.info("identity upgrade: %d v1 score refreshes superseded", retired.modified_count)
 
     async def _convert_entries(self, session: AsyncClientSession) -> int:
         """The next old identity entries, and every other old entry of the same users."""
