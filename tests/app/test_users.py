@@ -187,3 +187,15 @@ async def test_get_me_is_the_signed_in_user_not_a_username(app: App) -> None:
     me = await app.http.get("/v1/users/me", headers=bearer(user["apiKey"]))
     assert me.json() == {"id": user["id"], "username": "alice"}
     assert (await app.http.get("/v1/users/me")).status_code == 401
+
+
+async def test_every_name_assignment_takes_the_next_value_of_one_clock(app: App) -> None:
+    """Registrations and renames of all users share the name clock, so telemetry can order
+    two users' claims on one name as the app committed them (I6)."""
+    ivy = await app.register("ivy")
+    jon = await app.register("jon")
+    await app.rename(ivy["apiKey"], "ivy-b")
+    await app.rename(jon["apiKey"], "ivy")  # the freed name, taken at once
+    registered = [c["seq"] for c in await app.commands("user_registered")]
+    renamed = [c["seq"] for c in await app.commands("username_changed")]
+    assert (registered, renamed) == ([1, 2], [3, 4])
