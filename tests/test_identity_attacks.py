@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swamp_app.settings import AppSettings
+from telemetry_service.backfill import Backfill
 from telemetry_service.collections import EVENTS, IDENTITY_MAP, USERNAME_METRICS
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.processing.watcher import IngestWatcher
@@ -24,6 +27,8 @@ from telemetry_service.settings import TelemetrySettings
 from tests.pipeline import Pipeline, pipeline_of
 
 _examples = itertools.count()
+#: Small by default (make test); raise it to explore.
+EXAMPLES = int(os.environ.get("IDENTITY_ATTACK_EXAMPLES", "10"))
 
 
 @pytest.fixture
@@ -110,7 +115,7 @@ async def test_a_waiting_key_that_arrived_first_still_owns_the_shared_device(
 # --- a chain of name swaps with registrations racing, applied in any order -----------------
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 async def test_a_rename_chain_with_a_racing_registration_in_any_order(
     pipeline: Pipeline, data: st.DataObject
@@ -266,4 +271,93 @@ async def test_a_key_unknown_past_the_grace_period_and_issued_later(pipeline: Pi
     await p.send("max-dev", max_["apiKey"])
     await p.drain()
     await owned_stats(p, "max", max_["id"], 3)
+    await assert_consistent(p)
+
+
+# --- a random program of everything at once -------------------------------------------------
+
+step = st.one_of(
+    st.tuples(st.just("register"), st.integers(0, 3)),
+    st.tuples(st.just("rename"), st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(st.just("send"), st.none() | st.integers(0, 3), st.integers(0, 2), st.integers(1, 2)),
+    st.tuples(st.just("hold"), st.integers(0, 3)),
+    st.tuples(st.just("dead")),
+    st.tuples(st.just("drain")),
+    st.tuples(st.just("commands_only")),
+    st.tuples(st.just("backfill")),
+    st.tuples(st.just("delete"), st.integers(0, 3)),
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(program=st.lists(step, min_size=4, max_size=14))
+async def test_a_random_program_of_registrations_renames_deletions_and_events(
+    pipeline: Pipeline, program: list[tuple[Any, ...]]
+) -> None:
+    """Holds so far. Registrations of any of four names, renames among them, deletions,
+    authenticated and anonymous events on shared devices, commands held and dead-lettered,
+    partial drains and a backfill re-run, in any interleaving. After quiescence every user's
+    stats (under its app name) are the fold it is owed under I3 (the device's owner, as
+    recorded, is one of the users who authenticated on it), and everything is consistent."""
+    p = pipeline
+    n = next(_examples)
+    pool = [f"p{n}-{i}" for i in range(4)]
+    users: list[dict[str, Any]] = []  # id, apiKey, name, deleted
+    anon: dict[str, int] = {}
+    own: dict[tuple[str, str], int] = {}  # (device, userId) -> authenticated events
+    authenticated: dict[str, set[str]] = {}
+    for op in program:
+        kind = op[0]
+        if kind == "register":
+            response = await p.app.post("/v1/users", json={"username": pool[op[1]]})
+            if response.status_code == 201:
+                body = response.json()
+                users.append({**body, "name": pool[op[1]], "deleted": False})
+            else:
+                assert response.status_code == 409, response.text
+        elif kind == "rename" and users:
+            user = users[op[1] % len(users)]
+            if user["deleted"]:
+                continue
+            response = await p.rename(user["apiKey"], pool[op[2]])
+            assert response.status_code in (200, 409), response.text
+            if response.status_code == 200:
+                user["name"] = pool[op[2]]
+        elif kind == "send":
+            device = f"p{n}-dev-{op[2]}"
+            user = users[op[1] % len(users)] if users and op[1] is not None else None
+            await p.send(device, user["apiKey"] if user else None, count=op[3])
+            if user is None or user["deleted"]:
+                anon[device] = anon.get(device, 0) + op[3]
+            else:
+                own[(device, user["id"])] = own.get((device, user["id"]), 0) + op[3]
+                authenticated.setdefault(device, set()).add(user["id"])
+        elif kind == "hold" and users:
+            await p.hold_commands(userId=users[op[1] % len(users)]["id"])
+        elif kind == "dead":
+            await p.dead_letter_commands(type="username_changed")
+        elif kind == "drain":
+            await p.drain()
+        elif kind == "commands_only":
+            await command_consumer(p.telemetry_runtime).drain()
+        elif kind == "backfill":
+            await Backfill(p.telemetry_runtime).reset()
+            await Backfill(p.telemetry_runtime).run_if_needed()
+        elif kind == "delete" and users:
+            user = users[op[1] % len(users)]
+            if not user["deleted"]:
+                await quiesce(p)  # its in-flight events are applied under its key first
+                await p.delete(user["apiKey"])
+                user["deleted"] = True
+    await quiesce(p)
+
+    owners: dict[str, str | None] = {}
+    async for device in p.telemetry_runtime.db.user_metrics.find({"_id": {"$regex": f"^p{n}-"}}):
+        owners[device["_id"]] = device.get("ownerUserId")
+        if device["_id"] in authenticated:
+            assert owners[device["_id"]] in authenticated[device["_id"]]
+    for user in users:
+        owed = sum(c for (_, u), c in own.items() if u == user["id"])
+        owed += sum(c for d, c in anon.items() if owners.get(d) == user["id"])
+        await owned_stats(p, user["name"], user["id"], owed)
     await assert_consistent(p)
