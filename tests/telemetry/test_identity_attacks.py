@@ -216,3 +216,43 @@ async def test_upgrade_keeps_the_history_of_a_user_whose_old_entry_was_handed_aw
     assert (frank["userId"], frank["totalInvocations"]) == ("F", 0)
     assert "erin-dev" not in frank["distinctIds"]
     assert report.clean, report.as_dict()
+
+
+async def test_two_replicas_upgrade_at_once_and_a_contested_name_goes_to_the_newer_claim(
+    telemetry: Telemetry,
+) -> None:
+    """Holds. Two replicas run the upgrade at the same time (batch size 1) over old entries
+    where two users' known_users hold the same name (bob's rename away not applied, alice's
+    rename to "bob" applied): the newer renameSeq keeps the name whatever the order, every
+    count is kept once, and the bus has one live projection per user."""
+    import asyncio
+
+    t = telemetry
+    await old_device(t, "bob-dev", "B", 2)
+    await old_device(t, "alice-dev", "A", 5)
+    await old_entry(t, "bob", "A", ["alice-dev"])  # alice's entry, re-keyed to "bob"
+    await old_entry(t, "bob-old", "B", ["bob-dev"])
+    await old_projection(t, "bob", "A", 5, 7)
+    await old_projection(t, "bob-old", "B", 2, 3)
+    await old_known_user(t, "A", "bob", rename_seq=1)
+    await old_known_user(t, "B", "bob")  # its rename to carol is still queued
+    await t.runtime.commands.publish(
+        UsernameChanged(oldUsername="bob", newUsername="carol", userId="B", seq=1)
+    )
+    results = await asyncio.gather(
+        IdentityUpgrade(t.runtime, batch_size=1).run(),
+        IdentityUpgrade(t.runtime, batch_size=1).run(),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    await t.drain()
+    alice = await stats_or_none(t, "bob")
+    bob = await stats_or_none(t, "carol")
+    assert alice is not None
+    assert bob is not None
+    assert (alice["userId"], alice["totalInvocations"]) == ("A", 5)
+    assert alice["projectionVersion"] > 7
+    assert (bob["userId"], bob["totalInvocations"]) == ("B", 2)
+    assert bob["projectionVersion"] > 3
+    report = await verify(t.runtime.db, t.runtime.bus)
+    assert report.clean, report.as_dict()
