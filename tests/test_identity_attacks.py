@@ -361,3 +361,43 @@ async def test_a_random_program_of_registrations_renames_deletions_and_events(
         owed += sum(c for d, c in anon.items() if owners.get(d) == user["id"])
         await owned_stats(p, user["name"], user["id"], owed)
     await assert_consistent(p)
+
+
+async def test_a_rename_transaction_rerun_after_a_write_conflict(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holds. While a username_changed transaction is open, the watcher commits a new device
+    for the same user and the name's previous holder: the rename's transaction conflicts and
+    runs again from the start, and folds what is there now."""
+    from telemetry_service.identity import store as identity_store
+
+    p = pipeline
+    una = await p.register("una")
+    vic = await p.register("vic")
+    await p.send("una-1", una["apiKey"], count=2)
+    await p.send("vic-1", vic["apiKey"])
+    await p.drain()
+    assert (await p.rename(vic["apiKey"], "vic2")).status_code == 200
+    await p.hold_commands(userId=vic["id"])
+    assert (await p.rename(una["apiKey"], "vic")).status_code == 200
+    await p.send("una-2", una["apiKey"], count=3)
+    await p.send("vic-2", vic["apiKey"])
+    real = identity_store.claim_name
+    calls = 0
+
+    async def racing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            # The rename's transaction has read (its snapshot is set) and not written yet.
+            await IngestWatcher(p.telemetry_runtime).drain()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(identity_store, "claim_name", racing)
+    await command_consumer(p.telemetry_runtime).drain()
+    assert calls >= 2  # it ran again
+    monkeypatch.setattr(identity_store, "claim_name", real)
+    await quiesce(p)
+    await owned_stats(p, "vic", una["id"], 5)
+    await owned_stats(p, "vic2", vic["id"], 2)
+    await assert_consistent(p)
