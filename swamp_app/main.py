@@ -27,7 +27,7 @@ async def open_runtime(settings: AppSettings) -> AppRuntime:
     runtime = AppRuntime(settings=settings, client=client)
     try:
         await ensure_indexes(runtime.db)
-        await ensure_name_clock(runtime.db)
+        await ensure_name_clock(runtime)
         await ensure_queue_indexes(
             client[settings.bus_db], done_retention_seconds=settings.queue_done_retention_seconds
         )

@@ -152,7 +152,8 @@ async def test_the_previous_layout_keeps_every_count_after_the_upgrade(
         )
         assert renamed.status_code == 200
         clock = await mongo_client[app_settings.app_db].counters.find_one({"_id": "name_clock"})
-        assert clock["value"] == 2 + 2  # started at the old highest renameSeq (2), two since
+        # Started at the old highest renameSeq (2); 4 names re-asserted; 2 assignments since.
+        assert clock["value"] == 2 + 4 + 2
 
         async def renamed_in_telemetry() -> bool:
             response = await telemetry.get("/v1/stats", params={"username": "erin-b"})

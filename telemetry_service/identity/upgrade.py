@@ -6,19 +6,22 @@ the name as a unique attribute, and ``known_users.nameSeq`` holds the app's name
 the app starts above every old ``renameSeq``).
 
 It runs before any worker of this process starts (workers.py), batch by batch, each batch ONE
-transaction that reads the old documents it converts and deletes them: every user's devices are
-united into its entry, its name comes from ``known_users``, its projection is rewritten through
-the projection writer (publishing its refresh) at a version above every old one, so the app's
-scores move forward (I9). Progress is the data itself: what is converted is gone, so a crash
-resumes exactly where it stopped and nothing is done twice, and replicas running it at once
-conflict on the same documents and retry, rather than needing a lease. A marker in
+transaction that reads the old documents it converts and deletes them: a user's entry lists the
+devices holding its buckets or owned by it (``user_metrics`` is keyed by userId and was never
+wrong; the old entries' device lists could be), its name comes from ``known_users``, its
+projection is rewritten through the projection writer (publishing its refresh) at a version
+above every old one, so the app's scores move forward (I9). Known users the old layout left
+without any entry are converted too. Progress is the data itself: what is converted is gone
+(or, for those users, has an entry), so a crash resumes where it stopped and nothing is done
+twice, and replicas running it at once conflict on the same documents and retry, rather than
+needing a lease. A marker in
 ``migrations`` makes later start-ups skip it with one read.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -32,6 +35,7 @@ from telemetry_service.collections import (
     USERNAME_METRICS,
     find_by_ids,
 )
+from telemetry_service.devices.store import devices_of_user
 from telemetry_service.identity.store import bind_devices, claim_name
 from telemetry_service.projection.writer import adopt_legacy_projections, write_projections
 from telemetry_service.runtime import TelemetryRuntime
@@ -62,6 +66,12 @@ class IdentityUpgrade:
             converted += count
         while count := await in_transaction(self.runtime.client, self._convert_projections):
             converted += count
+        after: str | None = None
+        while page := await in_transaction(
+            self.runtime.client, functools.partial(self._convert_users_without_entry, after=after)
+        ):
+            after, count = page
+            converted += count
         await self.db[MIGRATIONS].update_one(
             {"_id": MARKER},
             {
@@ -87,32 +97,17 @@ class IdentityUpgrade:
             log.info("identity upgrade: %d v1 score refreshes superseded", retired.modified_count)
 
     async def _convert_entries(self, session: AsyncClientSession) -> int:
-        """The next old identity entries, and every other old entry of the same users."""
+        """The next old identity entries' users. Their old entries go; what they listed does
+        not decide anything: the old rename race could hand an entry, devices and all, to the
+        next holder of its name. A user's devices are where its buckets are (user_metrics)."""
         first = await self.db[IDENTITY_MAP].find(
             LEGACY, {"userId": 1}, sort=[("_id", 1)], limit=self.batch_size, session=session
         ).to_list()  # fmt: skip
         if not first:
             return 0
         users = sorted({str(entry["userId"]) for entry in first})
-        old = await self.db[IDENTITY_MAP].find(
-            {"userId": {"$in": users}}, session=session
-        ).to_list()  # fmt: skip
-        devices: dict[str, set[str]] = defaultdict(set)
-        for entry in old:
-            devices[str(entry["userId"])].update(entry.get("distinctIds", []))
-        await self.db[IDENTITY_MAP].delete_many(
-            {"_id": {"$in": [entry["_id"] for entry in old]}}, session=session
-        )
-        await bind_devices(self.db, devices, session=session)
-        changed = set(users)
-        known = await find_by_ids(self.db[KNOWN_USERS], users, session=session)
-        for user_id in users:
-            if name := known.get(user_id, {}).get("username"):
-                seq = int(known[user_id].get("nameSeq", 0))
-                changed |= await claim_name(
-                    self.db, user_id=user_id, username=name, seq=seq, session=session
-                )
-        await self._reproject(changed, session)
+        await self.db[IDENTITY_MAP].delete_many({"userId": {"$in": users}}, session=session)
+        await self._convert(set(users), session)
         return len(users)
 
     async def _convert_projections(self, session: AsyncClientSession) -> int:
@@ -121,8 +116,43 @@ class IdentityUpgrade:
             LEGACY, {"userId": 1}, limit=self.batch_size, session=session
         ).to_list()  # fmt: skip
         users = {str(doc["userId"]) for doc in old}
-        await self._reproject(users, session)
+        await self._convert(users, session)
         return len(users)
+
+    async def _convert_users_without_entry(
+        self, session: AsyncClientSession, *, after: str | None
+    ) -> tuple[str, int] | None:
+        """Known users the old layout left without any entry (theirs was handed away)."""
+        query = {"_id": {"$gt": after}} if after is not None else {}
+        page = await self.db[KNOWN_USERS].find(
+            query, {"_id": 1}, sort=[("_id", 1)], limit=self.batch_size, session=session
+        ).to_list()  # fmt: skip
+        if not page:
+            return None
+        ids = [str(doc["_id"]) for doc in page]
+        entered = await find_by_ids(self.db[IDENTITY_MAP], ids, session=session)
+        missing = {user for user in ids if user not in entered}
+        await self._convert(missing, session)
+        return ids[-1], len(missing)
+
+    async def _convert(self, users: set[str], session: AsyncClientSession) -> None:
+        """Names from known_users, entries from the users' buckets, projections rewritten.
+        A user whose name another one takes here is converted with them (its entry, created
+        nameless by the eviction, would otherwise look converted)."""
+        changed = set(users)
+        known = await find_by_ids(self.db[KNOWN_USERS], users, session=session)
+        for user_id in sorted(users):
+            if name := known.get(user_id, {}).get("username"):
+                seq = int(known[user_id].get("nameSeq", 0))
+                changed |= await claim_name(
+                    self.db, user_id=user_id, username=name, seq=seq, session=session
+                )
+        await bind_devices(
+            self.db,
+            {user: await devices_of_user(self.db, user, session=session) for user in changed},
+            session=session,
+        )
+        await self._reproject(changed, session)
 
     async def _reproject(self, users: set[str], session: AsyncClientSession) -> None:
         versions = await adopt_legacy_projections(self.db, users, session=session)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -199,3 +200,30 @@ async def test_every_name_assignment_takes_the_next_value_of_one_clock(app: App)
     registered = [c["seq"] for c in await app.commands("user_registered")]
     renamed = [c["seq"] for c in await app.commands("username_changed")]
     assert (registered, renamed) == ([1, 2], [3, 4])
+
+
+async def test_the_clock_starts_above_old_counters_and_re_asserts_every_name_once(
+    app: App,
+) -> None:
+    """The upgrade from per-user renameSeq: the clock starts above the highest, and every user's
+    current name is published on it once, so telemetry converges whatever order the old
+    release's commands arrive in."""
+    from swamp_app.collections import COUNTERS
+    from swamp_app.users.name_clock import NAME_CLOCK, ensure_name_clock
+
+    db = app.runtime.db
+    await db[COUNTERS].delete_many({})  # as before the clock existed
+    await db[USERS].insert_many(
+        [
+            {"_id": "old-1", "username": "kay", "renameSeq": 4},
+            {"_id": "old-2", "username": "lou", "renameSeq": 9, "deletedAt": datetime.now(UTC)},
+        ]
+    )
+    assert await ensure_name_clock(app.runtime, batch_size=1) == 2
+    reasserted = {(c["userId"], c["newUsername"], c["seq"]) for c in await app.commands()}
+    assert reasserted == {("old-1", "kay", 10), ("old-2", "lou", 11)}  # a tombstone's name too
+    assert (await db[COUNTERS].find_one({"_id": NAME_CLOCK}))["value"] == 11
+    assert await ensure_name_clock(app.runtime) == 0  # once per deployment
+    user = await app.register("mae")
+    (registered,) = await app.commands("user_registered")
+    assert (registered["userId"], registered["seq"]) == (user["id"], 12)

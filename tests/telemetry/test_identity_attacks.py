@@ -144,7 +144,12 @@ async def test_upgrade_unites_two_old_entries_of_one_user_and_versions_rise(
 async def test_upgrade_pending_pre_clock_registration_loses_a_freed_name_forever(
     telemetry: Telemetry,
 ) -> None:
-    """FINDING. At the deploy, the old app's queue still holds two commands: W's rename
+    """FOUND, then fixed in the app: pre-clock seqs cannot order two users' claims, so the
+    upgraded app re-asserts every user's current name on its clock when the clock starts
+    (swamp_app/users/name_clock.py ensure_name_clock); those commands are part of the upgrade
+    below, published after the old ones, as the new app does.
+
+    At the deploy, the old app's queue still holds two commands: W's rename
     zed -> zed2 (W's per-user renameSeq 3) and Z's registration of the freed name "zed" (a
     pre-clock user_registered: seq 0). Telemetry applies Z's first (any order is legal: they
     have different ordering keys). Z is left nameless forever: GET /v1/stats?username=zed is
@@ -165,6 +170,13 @@ async def test_upgrade_pending_pre_clock_registration_loses_a_freed_name_forever
     )
     await t.runtime.commands.publish(UserRegistered(userId="Z", username="zed"))  # no seq
     await t.runtime.commands.publish(ApiKeyIssued(userId="Z", keyHash=api_key_hash("zkey")))
+    # The upgraded app starts its clock above the old renameSeqs (3) and re-asserts names.
+    await t.runtime.commands.publish_many(
+        [
+            UsernameChanged(oldUsername="zed2", newUsername="zed2", userId="W", seq=4),
+            UsernameChanged(oldUsername="zed", newUsername="zed", userId="Z", seq=5),
+        ]
+    )
 
     await IdentityUpgrade(t.runtime).run()
     await hold(t, userId="W")
