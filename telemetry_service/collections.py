@@ -20,6 +20,7 @@ USERNAME_METRICS: Final = "username_metrics"  # the projection, per userId; user
 KNOWN_KEYS: Final = "known_keys"  # API-key SHA-256 -> userId (replicated from the app)
 KNOWN_USERS: Final = "known_users"  # userId -> current username and its name-clock seq
 MIGRATIONS: Final = "migrations"
+COUNTERS: Final = "counters"  # the events' arrival sequence (ingest/arrival.py)
 
 #: leaseUntil of an event no watcher has claimed yet: claimable at once.
 UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -53,11 +54,14 @@ async def find_by_ids(
 
 
 async def ensure_indexes(db: Database) -> None:
+    # The watcher's batch claim walks unprocessed events in arrival order, so the lease is one
+    # range update, not a long $in (and a backlog is never sorted in memory). The _id order
+    # that the previous release claimed in is the client's random event id: gone.
+    if "claim" in await db[EVENTS].index_information():
+        await db[EVENTS].drop_index("claim")
     await db[EVENTS].create_indexes(
         [
-            # The watcher's batch claim walks unprocessed events in _id order, so the lease is
-            # one range update, not a long $in (and a backlog is never sorted in memory).
-            IndexModel([("processed", ASCENDING), ("_id", ASCENDING)], name="claim"),
+            IndexModel([("processed", ASCENDING), ("seq", ASCENDING)], name="claim_arrival"),
             IndexModel([("claimToken", ASCENDING)], name="claim_token", sparse=True),
         ]
     )
@@ -86,6 +90,6 @@ async def ensure_indexes(db: Database) -> None:
     await db[KNOWN_USERS].create_index("username", name="username")
     # Collections must exist before a transaction writes to them on older servers.
     existing = set(await db.list_collection_names())
-    for name in (KNOWN_KEYS, MIGRATIONS):
+    for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS):
         if name not in existing:
             await db.create_collection(name)

@@ -82,7 +82,11 @@ async def quiesce(p: Pipeline) -> None:
 async def test_a_waiting_key_that_arrived_first_still_owns_the_shared_device(
     pipeline: Pipeline,
 ) -> None:
-    """FINDING (I3: the owner is "the user whose authenticated event reached the server first,
+    """FOUND, then fixed: events claim in the server's arrival order, and an authenticated event
+    on a device with no owner yet waits behind an earlier one whose key is not known yet
+    (processing/watcher.py behind_a_waiting_key).
+
+    (I3: the owner is "the user whose authenticated event reached the server first,
     arrival order"). ana registers and at once sends from the shared CI box; telemetry has not
     applied her api_key_issued yet, so her event waits. ben (known for long) sends from the same
     box a moment later; his event is applied first and ben becomes the box's owner. Its
@@ -101,7 +105,13 @@ async def test_a_waiting_key_that_arrived_first_still_owns_the_shared_device(
     await p.send("ci-box", ana["apiKey"])  # arrives first
     await p.send("ci-box", ben["apiKey"])  # arrives second
     await p.drain()
+    device = await p.telemetry_runtime.db.user_metrics.find_one({"_id": "ci-box"})
+    assert "ownerUserId" not in (device or {}), "ben's event did not wait behind ana's"
     await p.release_commands()
+    await p.drain()
+    await p.telemetry_runtime.db[EVENTS].update_many(  # the retry interval passes
+        {"processed": False}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+    )
     await p.drain()
     await p.send("ci-box")  # anonymous, after
     await p.drain()

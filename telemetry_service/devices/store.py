@@ -34,6 +34,8 @@ class AttributedEvent:
     event: CliEvent
     user_id: str | None
     received_at: datetime
+    #: The server's arrival sequence: ownership goes to the first authenticated arrival (I3).
+    arrival: int
 
     @property
     def device(self) -> str:
@@ -64,36 +66,44 @@ async def devices_of_user(
     return sorted(found)
 
 
-async def apply_events(
-    db: Database, events: Sequence[AttributedEvent], *, session: AsyncClientSession
-) -> DeviceWrite:
-    """One bulk write: every device's buckets, and the owner of devices that had none."""
-    known = await find_by_ids(
-        db[USER_METRICS],
-        {e.device for e in events},
-        projection={"ownerUserId": 1},
-        session=session,
+async def load_owners(
+    db: Database, devices: Iterable[str], *, session: AsyncClientSession
+) -> dict[str, str]:
+    """The owner of each of these devices that has one."""
+    found = await find_by_ids(
+        db[USER_METRICS], devices, projection={"ownerUserId": 1}, session=session
     )
-    owners = assign_owners(events, known)
-    new_owners = {d: u for d, u in owners.items() if not known.get(d, {}).get("ownerUserId")}
+    return {d: str(doc["ownerUserId"]) for d, doc in found.items() if doc.get("ownerUserId")}
+
+
+async def apply_events(
+    db: Database,
+    events: Sequence[AttributedEvent],
+    *,
+    owners: dict[str, str],
+    session: AsyncClientSession,
+) -> DeviceWrite:
+    """One bulk write: every device's buckets, and the owner of devices that had none.
+    ``owners``: the devices' owners before these events (``load_owners``)."""
+    after = assign_owners(events, owners)
+    new_owners = {d: u for d, u in after.items() if d not in owners}
     if events:
         await db[USER_METRICS].bulk_write(
             device_updates(events, new_owners), ordered=False, session=session
         )
-    return DeviceWrite(owners=owners, new_owners=new_owners)
+    return DeviceWrite(owners=after, new_owners=new_owners)
 
 
-def assign_owners(
-    events: Sequence[AttributedEvent], devices: dict[str, dict[str, Any]]
-) -> dict[str, str]:
-    """Each device's owner: the one it has, else the first user who authenticated on it (I3).
+def assign_owners(events: Sequence[AttributedEvent], known: dict[str, str]) -> dict[str, str]:
+    """Each device's owner: the one it has, else the user whose authenticated event arrived
+    first (I3: the server's arrival order, never the client's clock or id).
 
     A second user on an owned device is recorded, never merged: its events count only for
     itself, and the device's anonymous history stays with the owner.
     """
-    owners = {d: str(doc["ownerUserId"]) for d, doc in devices.items() if doc.get("ownerUserId")}
+    owners = dict(known)
     noticed: set[tuple[str, str]] = set()
-    for event in sorted(events, key=lambda e: (seen_at(e.event, e.received_at), e.id)):
+    for event in sorted(events, key=lambda e: e.arrival):
         if event.user_id is None:
             continue
         owner = owners.setdefault(event.device, event.user_id)

@@ -24,6 +24,7 @@ from telemetry_service import counters
 from telemetry_service.collections import EVENTS, UNCLAIMED
 from telemetry_service.deps import RuntimeDep
 from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge, Unauthorized
+from telemetry_service.ingest import arrival
 from telemetry_service.ingest.schemas import CliEvent, IngestAccepted
 from telemetry_service.ingest.storable import unstorable
 
@@ -154,6 +155,9 @@ async def store(
     within_request = len(parsed) - len(documents)
     if not documents:  # an empty batch: nothing to store, nothing lost
         return 0, 0
+    first = await arrival.reserve(runtime.db, len(documents))
+    for position, document in enumerate(documents.values()):
+        document["seq"] = first + position
     try:
         result = await runtime.db[EVENTS].insert_many(list(documents.values()), ordered=False)
         return len(result.inserted_ids), within_request

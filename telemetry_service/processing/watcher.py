@@ -35,7 +35,12 @@ from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
 from telemetry_service import counters
 from telemetry_service.collections import EVENTS
-from telemetry_service.devices.store import AttributedEvent, DeviceWrite, apply_events
+from telemetry_service.devices.store import (
+    AttributedEvent,
+    DeviceWrite,
+    apply_events,
+    load_owners,
+)
 from telemetry_service.identity.keys import known_keys
 from telemetry_service.identity.models import KnownKey
 from telemetry_service.identity.store import bind_devices
@@ -61,6 +66,12 @@ class StoredEvent:
     #: Events stored before keys were resolved at apply time carry the userId resolved then.
     legacy_user_id: str | None
     received_at: datetime
+    #: The server's arrival sequence (ingest/arrival.py).
+    arrival: int
+
+    @property
+    def device(self) -> str:
+        return self.event.distinct_id
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> StoredEvent:
@@ -70,6 +81,7 @@ class StoredEvent:
             key_hash=document.get("keyHash"),
             legacy_user_id=document.get("userId"),
             received_at=document["receivedAt"],
+            arrival=int(document.get("seq", 0)),
         )
 
 
@@ -94,7 +106,7 @@ class Attribution:
     """A batch split by what its keys resolved to."""
 
     ready: list[AttributedEvent]
-    waiting: list[str]
+    waiting: list[StoredEvent]
     #: Event id -> why its key counted as no key (revoked, unknown): verify lists them.
     unattributed: dict[str, str]
 
@@ -103,18 +115,39 @@ def attribute(
     batch: list[StoredEvent], keys: dict[str, KnownKey], *, now: datetime, grace: timedelta
 ) -> Attribution:
     ready: list[AttributedEvent] = []
-    waiting: list[str] = []
+    waiting: list[StoredEvent] = []
     unattributed: dict[str, str] = {}
     for event in batch:
         outcome, user_id = resolve_key(event, keys, now=now, grace=grace)
         counters.KEY_RESOLUTIONS.labels(outcome).inc()
         if outcome == "waiting":
-            waiting.append(event.id)
+            waiting.append(event)
             continue
         if outcome in ("revoked", "unknown"):
             unattributed[event.id] = outcome
-        ready.append(AttributedEvent(event.id, event.event, user_id, event.received_at))
+        ready.append(
+            AttributedEvent(event.id, event.event, user_id, event.received_at, event.arrival)
+        )
     return Attribution(ready=ready, waiting=waiting, unattributed=unattributed)
+
+
+def behind_a_waiting_key(split: Attribution, owners: dict[str, str]) -> set[str]:
+    """Authenticated events that must wait too: on a device with no owner yet, an earlier
+    event whose key is not known yet may be the one that makes its user the owner (I3: the
+    first authenticated event to arrive, not the first whose key was known)."""
+    first_waiting: dict[str, int] = {}
+    for event in split.waiting:
+        if event.device not in owners:
+            first_waiting[event.device] = min(
+                first_waiting.get(event.device, event.arrival), event.arrival
+            )
+    return {
+        e.id
+        for e in split.ready
+        if e.user_id is not None
+        and e.device in first_waiting
+        and e.arrival > first_waiting[e.device]
+    }
 
 
 class IngestWatcher:
@@ -167,15 +200,15 @@ class IngestWatcher:
         now = datetime.now(UTC)
         free = {"processed": False, "leaseUntil": {"$lte": now}}
         first = self.events.find(
-            free, {"_id": 1}, sort=[("_id", 1)], limit=self.settings.ingest_batch_size
+            free, {"seq": 1}, sort=[("seq", 1)], limit=self.settings.ingest_batch_size
         )
-        ids = [d["_id"] async for d in first]
-        if not ids:
+        arrivals = [d["seq"] async for d in first]
+        if not arrivals:
             return "", []
         token = uuid.uuid4().hex
         lease_until = now + timedelta(seconds=self.settings.ingest_lease_seconds)
         await self.events.update_many(
-            {**free, "_id": {"$lte": ids[-1]}},
+            {**free, "seq": {"$lte": arrivals[-1]}},
             {"$set": {"leaseUntil": lease_until, "claimToken": token}, "$inc": {"attempts": 1}},
         )
         claimed = await self.events.find({"claimToken": token, "processed": False}).to_list()
@@ -243,11 +276,14 @@ class IngestWatcher:
             now=datetime.now(UTC),
             grace=timedelta(seconds=self.settings.key_resolve_grace_seconds),
         )
-        await self._defer(split.waiting, session)
-        written = await apply_events(db, split.ready, session=session)
+        owners = await load_owners(db, {e.device for e in batch}, session=session)
+        held = behind_a_waiting_key(split, owners)
+        ready = [e for e in split.ready if e.id not in held]
+        await self._defer([e.id for e in split.waiting] + sorted(held), session)
+        written = await apply_events(db, ready, owners=owners, session=session)
         failpoints.hit(AFTER_METRICS_WRITE)
 
-        devices_by_user = user_devices(split.ready, written)
+        devices_by_user = user_devices(ready, written)
         await bind_devices(db, devices_by_user, session=session)
         bound = set(written.new_owners.values())
         reasons: dict[str, RefreshReason] = {
@@ -258,7 +294,7 @@ class IngestWatcher:
             refreshes=self.refreshes,
             reasons=reasons,
             session=session,
-            events_received_at=max((e.received_at for e in split.ready), default=None),
+            events_received_at=max((e.received_at for e in ready), default=None),
         )
         failpoints.hit(BEFORE_MARK_PROCESSED)
 
@@ -267,9 +303,11 @@ class IngestWatcher:
             {"$set": {"processed": True, "processedAt": datetime.now(UTC)}},
             session=session,
         )
-        if marked.modified_count != len(split.ready):
-            raise LeaseLost(f"{len(split.ready) - marked.modified_count} events were taken over")
-        await self._record_unattributed(split.unattributed, session)
+        if marked.modified_count != len(ready):
+            raise LeaseLost(f"{len(ready) - marked.modified_count} events were taken over")
+        await self._record_unattributed(
+            {i: why for i, why in split.unattributed.items() if i not in held}, session
+        )
         failpoints.hit(BEFORE_COMMIT)
 
     async def _defer(self, waiting: list[str], session: AsyncClientSession) -> None:

@@ -1,0 +1,46 @@
+"""The arrival sequence: a server-side number per stored event, in the order requests were
+stored. The watcher claims in this order and a device's owner is decided by it (I3, I11):
+never by the client's event id or clock.
+
+One ``$inc`` per request reserves a range for all its events. A range whose insert then fails
+(or whose events were duplicates) leaves a gap, which nothing relies on: the watcher only sorts
+by the number.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pymongo import ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+
+from telemetry_service.collections import COUNTERS, EVENTS, Database
+
+ARRIVAL: Final = "event_arrival"
+
+
+async def reserve(db: Database, count: int) -> int:
+    """Reserve ``count`` consecutive numbers; returns the first."""
+    counter = await db[COUNTERS].find_one_and_update(
+        {"_id": ARRIVAL}, {"$inc": {"value": count}}, upsert=True,
+        return_document=ReturnDocument.AFTER,
+    )  # fmt: skip
+    assert counter is not None  # an upsert returning the document after always finds one
+    return int(counter["value"]) - count + 1
+
+
+async def number_unsequenced(db: Database, *, session: AsyncClientSession | None = None) -> int:
+    """Events stored by a release without the sequence, not yet applied: numbered before every
+    new one (negative), in the order they were received. Idempotent: numbers only events that
+    have none, so replicas doing it at once do no harm."""
+    old = await db[EVENTS].find(
+        {"processed": False, "seq": {"$exists": False}}, {"receivedAt": 1},
+        sort=[("receivedAt", 1), ("_id", 1)], session=session,
+    ).to_list()  # fmt: skip
+    for position, event in enumerate(old):
+        await db[EVENTS].update_one(
+            {"_id": event["_id"], "seq": {"$exists": False}},
+            {"$set": {"seq": position - len(old)}},
+            session=session,
+        )
+    return len(old)
