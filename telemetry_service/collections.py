@@ -21,6 +21,7 @@ KNOWN_KEYS: Final = "known_keys"  # API-key SHA-256 -> userId (replicated from t
 KNOWN_USERS: Final = "known_users"  # userId -> current username and its name-clock seq
 MIGRATIONS: Final = "migrations"
 COUNTERS: Final = "counters"  # the events' arrival sequence (ingest/arrival.py)
+ARRIVAL_COUNTER: Final = "event_arrival"
 
 #: leaseUntil of an event no watcher has claimed yet: claimable at once.
 UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -93,3 +94,7 @@ async def ensure_indexes(db: Database) -> None:
     for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS):
         if name not in existing:
             await db.create_collection(name)
+    # Created here, once, so requests only ever increment it (never race to create it).
+    await db[COUNTERS].update_one(
+        {"_id": ARRIVAL_COUNTER}, {"$setOnInsert": {"value": 0}}, upsert=True
+    )
