@@ -29,17 +29,25 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+def is_admin(request: Request, authorization: str | None) -> bool:
+    """Whether ``Authorization: Bearer <ADMIN_TOKEN>`` was presented (False when the admin API
+    is off). Compared as SHA-256 digests in constant time, so neither the token's content nor
+    its length leaks through timing."""
+    expected: SecretStr | None = request.app.state.runtime.settings.admin_token
+    if expected is None:
+        return False
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    matches = hmac.compare_digest(_digest(presented.strip()), _digest(expected.get_secret_value()))
+    return scheme.lower() == "bearer" and matches
+
+
 async def require_admin(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> None:
-    """401 unless ``Authorization: Bearer <ADMIN_TOKEN>``. Compared as SHA-256 digests in
-    constant time, so neither the token's content nor its length leaks through timing."""
-    expected: SecretStr | None = request.app.state.runtime.settings.admin_token
-    if expected is None:
+    """401 unless the admin token is presented; 403 while the admin API is off."""
+    if request.app.state.runtime.settings.admin_token is None:
         raise AdminDisabled("the admin API is off: set ADMIN_TOKEN to turn it on")
-    scheme, _, presented = (authorization or "").strip().partition(" ")
-    matches = hmac.compare_digest(_digest(presented.strip()), _digest(expected.get_secret_value()))
-    if scheme.lower() != "bearer" or not matches:
+    if not is_admin(request, authorization):
         raise Unauthorized("the admin API needs 'Authorization: Bearer <ADMIN_TOKEN>'")
 
 

@@ -16,6 +16,7 @@ from shared_contracts.observability import configure_logging
 from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.app_cli import app_cli
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
+from swamp_club.events_cli import events_cli
 from swamp_club.queue_cli import contracts_cli, queue_cli
 from swamp_club.settings import LauncherSettings
 from swamp_club.telemetry_cli import telemetry_cli
@@ -25,6 +26,7 @@ cli.add_typer(telemetry_cli, name="telemetry")
 cli.add_typer(app_cli, name="app")
 cli.add_typer(queue_cli, name="queue")
 cli.add_typer(contracts_cli, name="contracts")
+cli.add_typer(events_cli, name="events")
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2

@@ -1,6 +1,6 @@
 """Prometheus counters of the telemetry service (exported at /metrics)."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_RECEIVED = Counter(
     "swamp_ingest_events_total", "Events received by POST /ingest", ["outcome"]
@@ -26,7 +26,11 @@ UNKNOWN_COMMAND_WORDS = Counter(
 )
 EVENTS_DEAD = Counter(
     "swamp_ingest_events_dead_total",
-    "Events set aside after failing max attempts (kept, retryable)",
+    "Events set aside: unreadable, or failing alone max attempts (kept, retryable)",
+)
+EVENTS_SET_ASIDE = Gauge(
+    "swamp_ingest_events_set_aside",
+    "Events set aside now, waiting for an operator (swamp-club events dead); read at scrape",
 )
 PROJECTION_WRITES = Counter(
     "swamp_projection_writes_total",

@@ -9,8 +9,10 @@ from pymongo.errors import PyMongoError
 from shared_contracts.api_errors import error_responses
 from shared_contracts.observability import metrics_response, readiness
 from shared_contracts.queue.metrics import update_queue_gauges
+from telemetry_service import counters
 from telemetry_service.backfill import Backfill
 from telemetry_service.deps import RuntimeDep
+from telemetry_service.processing.set_aside import count_set_aside
 
 router = APIRouter(tags=["operations"])
 
@@ -43,6 +45,9 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
 @router.get("/metrics", response_class=Response)
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics: requests, ingest and queue counters, queue depth and age, lags."""
-    return await metrics_response(
-        lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
-    )
+
+    async def update() -> None:
+        await update_queue_gauges(runtime.client[runtime.settings.bus_db])
+        counters.EVENTS_SET_ASIDE.set(await count_set_aside(runtime.db))
+
+    return await metrics_response(update)

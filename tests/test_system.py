@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from swamp_app.main import create_app as create_main_app
 from swamp_app.settings import AppSettings
@@ -16,7 +17,7 @@ from telemetry_service.main import create_app as create_telemetry_app
 from telemetry_service.projection.verify import find_drift
 from telemetry_service.settings import TelemetrySettings
 from tests.support import asgi_client, eventually
-from tests.telemetry.conftest import cli_event
+from tests.telemetry.conftest import ADMIN, ADMIN_TOKEN, cli_event
 
 FAST = {"queue_poll_interval_seconds": 0.2, "ingest_poll_interval_seconds": 0.2}
 
@@ -40,7 +41,13 @@ async def system(
     telemetry_settings: TelemetrySettings, app_settings: AppSettings
 ) -> AsyncIterator[System]:
     telemetry_app = create_telemetry_app(
-        telemetry_settings.model_copy(update={**FAST, "command_poll_interval_seconds": 0.2})
+        telemetry_settings.model_copy(
+            update={
+                **FAST,
+                "command_poll_interval_seconds": 0.2,
+                "admin_token": SecretStr(ADMIN_TOKEN),
+            }
+        )
     )
     main_app = create_main_app(app_settings.model_copy(update=FAST))
     async with asgi_client(telemetry_app) as telemetry, asgi_client(main_app) as app:
@@ -122,7 +129,9 @@ async def test_a_deleted_users_key_counts_as_no_key(system: System) -> None:
     ).status_code == 202
 
     async def device(owner_events: int, anonymous: int) -> bool:
-        response = await system.telemetry.get("/v1/stats", params={"distinct_id": "d1"})
+        response = await system.telemetry.get(
+            "/v1/stats", params={"distinct_id": "d1"}, headers=ADMIN
+        )
         if response.status_code != 200:
             return False
         body = response.json()

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, ExecutionTimeout, PyMongoError, WTimeoutError
 
 from shared_contracts import failpoints
 from shared_contracts.messages import RefreshReason
@@ -219,55 +219,150 @@ class IngestWatcher:
         if not documents:
             return 0
         usable = await self._set_aside_exhausted(documents)
-        if not usable:
+        batch = await self._readable(usable)
+        if not batch:
             return len(documents)
-        started = time.perf_counter()
-        batch = [StoredEvent.from_document(d) for d in usable]
-
-        async def apply(session: AsyncClientSession) -> None:
-            await self.apply_batch(session, token, batch)
-
+        attempts = {d["_id"]: int(d.get("attempts", 0)) for d in usable}
         try:
-            await in_transaction(self.runtime.client, apply)
+            await self._apply_isolating(token, batch, attempts, whole=True)
         except LeaseLost:
             counters.BATCHES.labels("lease_lost").inc()
             log.warning(
                 "ingest batch of %d events: lease lost, another worker applies it", len(batch)
             )
-            return len(documents)
         except PyMongoError as exc:
             await self._record_error(token, exc)
             raise
+        return len(documents)
+
+    async def _apply_isolating(
+        self, token: str, batch: list[StoredEvent], attempts: dict[str, int], *, whole: bool
+    ) -> None:
+        """Apply the batch in one transaction; if it fails because of what is in it, split it
+        in halves until the failing events are alone (I11): only they wait for a retry or are
+        set aside, every other event is applied in this same pass."""
+        started = time.perf_counter()
+
+        async def apply(session: AsyncClientSession) -> None:
+            await self._renew_lease(token)
+            await self.apply_batch(session, token, batch, whole=whole)
+
+        try:
+            await in_transaction(self.runtime.client, apply)
+        except Exception as exc:
+            if not events_fault(exc):
+                raise
+            if len(batch) == 1:
+                await self._failed_alone(token, batch[0], attempts.get(batch[0].id, 0), exc)
+                return
+            counters.BATCHES.labels("split").inc()
+            half = len(batch) // 2
+            await self._apply_isolating(token, batch[:half], attempts, whole=False)
+            await self._apply_isolating(token, batch[half:], attempts, whole=False)
+            return
         counters.BATCHES.labels("applied").inc()
         counters.BATCH_SECONDS.observe(time.perf_counter() - started)
         counters.EVENTS_PROCESSED.inc(len(batch))
-        return len(documents)
+
+    async def _readable(self, documents: list[dict[str, Any]]) -> list[StoredEvent]:
+        """Stored events that cannot be read back as CLI events (stored by an older release
+        under older rules) can never be applied: set aside at once, with the reason."""
+        readable: list[StoredEvent] = []
+        for document in documents:
+            try:
+                readable.append(StoredEvent.from_document(document))
+            except Exception as exc:  # any reason it cannot be read is this event's alone
+                await self._set_aside(document["_id"], f"unreadable: {describe(exc)}")
+        return readable
+
+    async def _failed_alone(
+        self, token: str, event: StoredEvent, attempts: int, exc: BaseException
+    ) -> None:
+        """One event failed on its own. Retried after a backoff (attempts are per event); set
+        aside once it has failed ``QUEUE_MAX_ATTEMPTS`` times."""
+        reason = describe(exc)
+        if attempts >= self.settings.queue_max_attempts:
+            await self._set_aside(event.id, reason, token=token)
+            return
+        delay = min(
+            self.settings.queue_backoff_base_seconds * 2 ** max(attempts - 1, 0),
+            self.settings.queue_backoff_max_seconds,
+        )
+        await self.events.update_one(
+            {"_id": event.id, "claimToken": token},
+            {
+                "$set": {
+                    "lastError": reason,
+                    "leaseUntil": datetime.now(UTC) + timedelta(seconds=delay),
+                },
+                "$unset": {"claimToken": ""},
+            },
+        )
+        log.warning(
+            "event %s failed alone (attempt %d), retried in %.0fs: %s",
+            event.id,
+            attempts,
+            delay,
+            reason,
+        )
+
+    async def _set_aside(self, event_id: str, reason: str, *, token: str | None = None) -> None:
+        owned = {"claimToken": token} if token else {}
+        await self.events.update_one(
+            {"_id": event_id, **owned},
+            {
+                "$set": {
+                    "dead": True,
+                    "leaseUntil": PARKED,
+                    "lastError": reason,
+                    "setAsideAt": datetime.now(UTC),
+                },
+                "$unset": {"claimToken": ""},
+            },
+        )
+        counters.EVENTS_DEAD.inc()
+        log.error("event %s set aside: %s", event_id, reason)
+
+    async def _renew_lease(self, token: str) -> None:
+        """Renew the batch's lease before each transaction attempt (a retry after a write
+        conflict, each part of a split batch), so a batch that takes long in total is not taken
+        over by another replica. Never while a transaction runs: the renewal writes the very
+        documents the transaction marks, and would make it conflict again on every retry. One
+        attempt is bounded by the server's transaction lifetime, as long as the default lease.
+        Not part of the transaction: it must hold even if the transaction aborts."""
+        lease = timedelta(seconds=self.settings.ingest_lease_seconds)
+        await self.events.update_many(
+            {"claimToken": token, "processed": False},
+            {"$set": {"leaseUntil": datetime.now(UTC) + lease}},
+        )
 
     async def _set_aside_exhausted(self, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Events that failed max attempts wait (kept, never counted) for an operator's retry."""
+        """Events claimed max attempts times (their workers kept dying) are set aside."""
         limit = self.settings.queue_max_attempts
         exhausted = {d["_id"] for d in documents if d.get("attempts", 0) > limit}
-        if exhausted:
-            await self.events.update_many(
-                {"_id": {"$in": sorted(exhausted)}},
-                {"$set": {"leaseUntil": PARKED, "dead": True}, "$unset": {"claimToken": ""}},
-            )
-            counters.EVENTS_DEAD.inc(len(exhausted))
-            log.error("%d events set aside after %d failed attempts", len(exhausted), limit)
+        for event_id in sorted(exhausted):
+            await self._set_aside(event_id, f"claimed {limit} times without being applied")
         return [d for d in documents if d["_id"] not in exhausted]
 
     async def _record_error(self, token: str, exc: BaseException) -> None:
         try:
             await self.events.update_many(
                 {"claimToken": token, "processed": False},
-                {"$set": {"lastError": f"{type(exc).__name__}: {exc}"[:1000]}},
+                {"$set": {"lastError": describe(exc)}},
             )
         except PyMongoError:
             log.exception("could not record the batch error")
 
     async def apply_batch(
-        self, session: AsyncClientSession, token: str, batch: list[StoredEvent]
+        self,
+        session: AsyncClientSession,
+        token: str,
+        batch: list[StoredEvent],
+        *,
+        whole: bool = True,
     ) -> None:
+        """``whole``: the batch is every event still claimed by ``token``; else a part of it,
+        split off to isolate a failure (then it is marked by id)."""
         db = self.runtime.db
         keys = await known_keys(db, {e.key_hash for e in batch if e.key_hash}, session=session)
         split = attribute(
@@ -298,8 +393,11 @@ class IngestWatcher:
         )
         failpoints.hit(BEFORE_MARK_PROCESSED)
 
+        mine: dict[str, Any] = {"claimToken": token, "processed": False}
+        if not whole:
+            mine["_id"] = {"$in": [e.id for e in ready]}
         marked = await self.events.update_many(
-            {"claimToken": token, "processed": False},
+            mine,
             {"$set": {"processed": True, "processedAt": datetime.now(UTC)}},
             session=session,
         )
@@ -337,6 +435,23 @@ class IngestWatcher:
             await self.events.update_many(
                 {"_id": {"$in": ids}}, {"$set": {"unattributed": reason}}, session=session
             )
+
+
+def events_fault(exc: BaseException) -> bool:
+    """Whether a failure may be caused by what the batch holds, so splitting it can isolate the
+    events at fault. Not: a lost lease, a failpoint (a crash), or the database being away or
+    busy (transient errors with_transaction already retried): then the whole claim is retried
+    after its lease, and no event is blamed."""
+    if isinstance(exc, LeaseLost | failpoints.FailpointError | asyncio.CancelledError):
+        return False
+    if isinstance(exc, ConnectionFailure | ExecutionTimeout | WTimeoutError):
+        return False
+    labels = ("TransientTransactionError", "UnknownTransactionCommitResult", "RetryableWriteError")
+    return not (isinstance(exc, PyMongoError) and any(map(exc.has_error_label, labels)))
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 def user_devices(events: list[AttributedEvent], written: DeviceWrite) -> dict[str, set[str]]:

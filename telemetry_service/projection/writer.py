@@ -28,6 +28,7 @@ from telemetry_service.identity.store import load_entries
 from telemetry_service.projection.fold import fold
 
 Session = AsyncClientSession | None
+NOT_IN_SNAPSHOT = frozenset({"_id", "activeDayList", "distinctIds"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,9 @@ async def write_projections(
         if events_received_at is not None:
             projection["lastEventReceivedAt"] = events_received_at
         writes.append(ReplaceOne({"_id": user_id}, projection, upsert=True))
-        snapshot = {k: v for k, v in projection.items() if k != "_id"}
+        # Bounded: the app scores from counts; the day list and device ids grow with a user's
+        # history and would only carry device ids across the bus.
+        snapshot = {k: v for k, v in projection.items() if k not in NOT_IN_SNAPSHOT}
         messages.append(
             ScoreRefresh(
                 userId=user_id,

@@ -25,10 +25,15 @@ class UsernameStats(BaseModel):
     firstSeenAt: datetime | None
     lastSeenAt: datetime | None
     commandCounts: dict[str, int]
-    distinctIds: list[str]
     projectionVersion: int
     updatedAt: datetime
 
     @classmethod
     def from_projection(cls, document: dict[str, Any]) -> UsernameStats:
         return cls.model_validate({**document, "userId": document["_id"]})
+
+
+class OwnUsernameStats(UsernameStats):
+    """The same, for the user itself (its API key) or an operator: with its device ids."""
+
+    distinctIds: list[str]

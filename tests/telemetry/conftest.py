@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, UsernameChanged, UserRegistered
@@ -79,6 +80,12 @@ def cli_event(
     return event
 
 
+#: The operator's token in these tests: device ids and device stats are shown only with it (or
+#: with the owner's key).
+ADMIN_TOKEN = "tests-admin-token-0123456789-abcdefghijklmnopqrstuvwxyz"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 @dataclass
 class Telemetry:
     http: httpx.AsyncClient
@@ -126,10 +133,15 @@ class Telemetry:
         await self.watcher.drain()
 
     async def stats(self, username: str) -> dict[str, Any]:
-        response = await self.http.get("/v1/stats", params={"username": username})
+        """As an operator sees them (with the device ids)."""
+        response = await self.http.get("/v1/stats", params={"username": username}, headers=ADMIN)
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
+
+    async def device(self, distinct_id: str) -> httpx.Response:
+        """One device's buckets, as an operator sees them."""
+        return await self.http.get("/v1/stats", params={"distinct_id": distinct_id}, headers=ADMIN)
 
     async def stats_status(self, username: str) -> int:
         response = await self.http.get("/v1/stats", params={"username": username})
@@ -143,7 +155,12 @@ class Telemetry:
 @pytest.fixture
 async def telemetry(telemetry_settings: TelemetrySettings) -> AsyncIterator[Telemetry]:
     settings = telemetry_settings.model_copy(
-        update={"run_workers": False, "ingest_batch_size": 100, "ingest_lease_seconds": 30}
+        update={
+            "run_workers": False,
+            "ingest_batch_size": 100,
+            "ingest_lease_seconds": 30,
+            "admin_token": SecretStr(ADMIN_TOKEN),
+        }
     )
     app = create_app(settings)
     async with asgi_client(app) as http:

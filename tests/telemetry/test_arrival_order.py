@@ -47,7 +47,7 @@ async def test_the_first_authenticated_arrival_owns_the_device_whatever_its_cloc
     await telemetry.post(cli_event("shared", started_at=earlier), second_key)
     await telemetry.post(cli_event("shared"))  # anonymous
     await telemetry.drain()
-    device = (await telemetry.http.get("/v1/stats", params={"distinct_id": "shared"})).json()
+    device = (await telemetry.device("shared")).json()
     assert device["ownerUserId"] == first
     assert (await telemetry.stats("first"))["totalInvocations"] == 2
     assert (await telemetry.stats("second"))["totalInvocations"] == 1

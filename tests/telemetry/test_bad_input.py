@@ -138,7 +138,7 @@ async def test_odd_but_storable_properties_are_kept_as_sent(telemetry: Telemetry
     assert stored is not None
     assert stored["raw"] == event
     await telemetry.drain()
-    device = await telemetry.http.get("/v1/stats", params={"distinct_id": "d"})
+    device = await telemetry.device("d")
     assert device.json()["anonymous"]["invocations"] == 1
 
 

@@ -201,7 +201,7 @@ async def test_invented_words_are_counted_on_metrics_not_in_public_counters(
         events.append(event)
     assert (await telemetry.post({"events": events})).status_code == 202
     await telemetry.drain()
-    device = await telemetry.http.get("/v1/stats", params={"distinct_id": "dev-words"})
+    device = await telemetry.device("dev-words")
     counts = device.json()["anonymous"]["commandCounts"]
     assert counts == {"model create": 1, "init": 1, "model": 1, "other": 3}
     after = (unknown_words("command", "other"), unknown_words("subcommand", "model"))

@@ -18,7 +18,7 @@ from telemetry_service.collections import (
 )
 from telemetry_service.identity.upgrade import IdentityUpgrade, legacy_layout
 from telemetry_service.projection.verify import verify
-from tests.telemetry.conftest import Telemetry
+from tests.telemetry.conftest import ADMIN, Telemetry
 
 SEEN = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -81,7 +81,7 @@ async def old_known_user(
 
 
 async def stats_or_none(t: Telemetry, username: str) -> dict[str, Any] | None:
-    response = await t.http.get("/v1/stats", params={"username": username})
+    response = await t.http.get("/v1/stats", params={"username": username}, headers=ADMIN)
     if response.status_code == 404:
         return None
     assert response.status_code == 200, response.text

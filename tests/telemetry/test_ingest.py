@@ -27,7 +27,7 @@ async def test_the_documented_single_event_is_accepted_stored_and_processed(
     raw = await telemetry.runtime.db[EVENTS].find_one({"_id": CLI_EVENT["insert_id"]})
     assert raw["raw"] == CLI_EVENT  # unknown properties ($repo_id, errorType, ...) kept
     await telemetry.drain()
-    device = await telemetry.http.get("/v1/stats", params={"distinct_id": CLI_EVENT["distinct_id"]})
+    device = await telemetry.device(CLI_EVENT["distinct_id"])
     assert device.status_code == 200
     body = device.json()
     assert body["ownerUserId"] is None
@@ -160,7 +160,7 @@ async def test_a_shared_device_never_moves_history_between_users(telemetry: Tele
         gina, hank = await telemetry.stats("gina"), await telemetry.stats("hank")
         assert gina["totalInvocations"] == 2 + 1 + (round_ + 1)  # anon before+after, her own
         assert hank["totalInvocations"] == round_ + 1  # only his own, ever
-    device = await telemetry.http.get("/v1/stats", params={"distinct_id": "shared"})
+    device = await telemetry.device("shared")
     assert device.json()["ownerUserId"] == (await telemetry.stats("gina"))["userId"]
     assert {
         r["username"] for r in await telemetry.runtime.refreshes.collection.find().to_list()

@@ -163,7 +163,7 @@ async def test_accepted_extremes_are_all_applied_with_an_innocent_batch(
     assert stats["commandCounts"] == {"model create": 15, "other": 1}
     # Every startedAt above is outside the window: all count for the UTC day of receipt.
     days = {d.date().isoformat() for d in (before, after)}
-    body = (await telemetry.http.get("/v1/stats", params={"distinct_id": device})).json()
+    body = (await telemetry.device(device)).json()
     bucket = next(iter(body["users"].values()))
     assert set(bucket["activeDays"]) <= days
     assert before - timedelta(seconds=1) <= datetime.fromisoformat(bucket["firstSeenAt"])

@@ -39,7 +39,7 @@ async def test_a_key_the_app_just_returned_is_accepted_and_waits_for_its_user(
 
     await telemetry.watcher.drain()  # before the commands: the fresh key is not known yet
     assert resolutions("waiting") >= waiting_before + 2
-    anonymous = await telemetry.http.get("/v1/stats", params={"distinct_id": "anon-dev"})
+    anonymous = await telemetry.device("anon-dev")
     assert anonymous.json()["anonymous"]["invocations"] == 1
     pending = await telemetry.runtime.db[EVENTS].count_documents({"processed": False})
     assert pending == 2
@@ -82,7 +82,7 @@ async def test_a_revoked_key_counts_as_no_key_even_for_events_sent_before_the_re
     await telemetry.drain()
     assert (await telemetry.post(cli_event("c-dev"), key)).status_code == 202
     await telemetry.drain()
-    device = (await telemetry.http.get("/v1/stats", params={"distinct_id": "c-dev"})).json()
+    device = (await telemetry.device("c-dev")).json()
     assert device["users"][carol]["invocations"] == 1
     assert device["anonymous"]["invocations"] == 2
     # Carol owns the device, so its anonymous events still count for her.
@@ -96,7 +96,7 @@ async def test_a_malformed_authorization_header_is_no_key_not_a_401(telemetry: T
     )
     assert response.status_code == 202
     await telemetry.drain()
-    device = (await telemetry.http.get("/v1/stats", params={"distinct_id": "m-dev"})).json()
+    device = (await telemetry.device("m-dev")).json()
     assert device["anonymous"]["invocations"] == 1
 
 

@@ -1,0 +1,103 @@
+"""`swamp-club events dead|retry|purge`: the events the ingest watcher set aside (SPEC I11)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared_contracts.mongo import make_client
+from shared_contracts.settings import SettingsError, load_settings
+from telemetry_service.settings import TelemetrySettings
+
+events_cli = typer.Typer(
+    help="Events the ingest watcher set aside: list, retry, purge.", no_args_is_help=True
+)
+T = TypeVar("T")
+JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
+AllOption = typer.Option(False, "--all", help="Every set-aside event.")
+
+
+def on_telemetry(action: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[T]]) -> T:
+    try:
+        settings = load_settings(TelemetrySettings)
+    except SettingsError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+    async def main() -> T:
+        client = make_client(
+            settings.mongodb_uri, app_name="swamp-club-cli", serverSelectionTimeoutMS=5000
+        )
+        try:
+            return await action(client[settings.telemetry_db])
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def chosen_ids(ids: list[str] | None, every: bool) -> list[str] | None:
+    """Exactly one of: some ids, or --all (None)."""
+    if bool(ids) == every:
+        typer.secho("error: give event ids, or --all", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    return None if every else list(ids or [])
+
+
+@events_cli.command("dead")
+def dead(
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000), as_json: bool = JsonOption
+) -> None:
+    """Set-aside events, newest first, with why."""
+    from telemetry_service.processing.set_aside import count_set_aside, list_set_aside
+
+    async def read(db: AsyncDatabase[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+        return await count_set_aside(db), await list_set_aside(db, limit=limit)
+
+    total, rows = on_telemetry(read)
+    if as_json:
+        typer.echo(json.dumps({"setAside": total, "events": rows}, default=str))
+        return
+    for row in rows:
+        typer.echo(
+            f"{row['id']}  device {row['distinctId']}  received {row['receivedAt']}  "
+            f"attempts {row['attempts']}  {row['lastError']}"
+        )
+    typer.echo(f"{total} event(s) set aside")
+
+
+@events_cli.command("retry")
+def retry(
+    ids: list[str] | None = typer.Argument(None, help="Event ids (insert_id)."),
+    every: bool = AllOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Give set-aside events back to the watcher with a fresh attempt budget."""
+    from telemetry_service.processing.set_aside import retry_set_aside
+
+    selected = chosen_ids(ids, every)
+    count = on_telemetry(lambda db: retry_set_aside(db, ids=selected))
+    typer.echo(json.dumps({"retried": count}) if as_json else f"{count} event(s) retried")
+    if selected is not None and count != len(set(selected)):
+        raise typer.Exit(1)  # some ids were not set-aside events
+
+
+@events_cli.command("purge")
+def purge(
+    ids: list[str] | None = typer.Argument(None, help="Event ids (insert_id)."),
+    every: bool = AllOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Delete set-aside events for good (they were never counted)."""
+    from telemetry_service.processing.set_aside import purge_set_aside
+
+    selected = chosen_ids(ids, every)
+    count = on_telemetry(lambda db: purge_set_aside(db, ids=selected))
+    typer.echo(json.dumps({"purged": count}) if as_json else f"{count} event(s) purged")
+    if selected is not None and count != len(set(selected)):
+        raise typer.Exit(1)
