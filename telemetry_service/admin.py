@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from shared_contracts.admin_api import ADMIN_ERRORS, ADMIN_ONLY, queue_admin_router
+from shared_contracts.api_errors import error_responses
 from shared_contracts.names import TELEMETRY_COMMANDS
 from telemetry_service.backfill import Backfill
 from telemetry_service.deps import RuntimeDep
@@ -64,7 +65,7 @@ class EventIds(BaseModel):
     )
 
 
-@router.get("/events/dead", response_model=SetAsideEvents)
+@router.get("/events/dead", response_model=SetAsideEvents, responses=error_responses(422))
 async def set_aside_events(
     runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 ) -> SetAsideEvents:
@@ -76,13 +77,13 @@ async def set_aside_events(
     )
 
 
-@router.post("/events/dead/retry")
+@router.post("/events/dead/retry", responses=error_responses(400, 422))
 async def retry_set_aside_events(runtime: RuntimeDep, body: EventIds) -> dict[str, int]:
     """Back to the watcher with a fresh attempt budget: `{"retried": n}`."""
     return {"retried": await retry_set_aside(runtime.db, ids=body.ids)}
 
 
-@router.post("/events/dead/purge")
+@router.post("/events/dead/purge", responses=error_responses(400, 422))
 async def purge_set_aside_events(runtime: RuntimeDep, body: EventIds) -> dict[str, int]:
     """Delete set-aside events for good (never counted): `{"purged": n}`."""
     return {"purged": await purge_set_aside(runtime.db, ids=body.ids)}
