@@ -20,40 +20,50 @@ from telemetry_service.ingest.schemas import CliEvent
 ANONYMOUS = "anon"
 
 
+def event_counts(event: CliEvent) -> dict[str, int]:
+    """What one event adds to each summed counter of its bucket (``models.SUMMED``)."""
+    properties = event.properties
+    status = properties.result.status
+    context = properties.invocationContext
+    counts = {
+        "invocations": True,
+        "successCount": status == "success",
+        "failureCount": status != "success",
+        "userErrorCount": status == "user_error",
+        "durationMsTotal": properties.durationMs or 0,
+        "agentInvocations": bool(context and context.agentSessionDetected),
+        "workflowSteps": properties.workflowContext is not None,
+    }
+    # Integers, never booleans: $inc refuses to add true.
+    return {name: int(value) for name, value in counts.items()}
+
+
 @dataclass
 class BucketDelta:
-    """What one batch adds to one bucket."""
+    """What one batch adds to one bucket. The counters are the model's (``SUMMED``), kept in
+    one mapping so that the list is written down once."""
 
-    invocations: int = 0
-    successCount: int = 0
-    failureCount: int = 0
-    userErrorCount: int = 0
-    durationMsTotal: int = 0
-    agentInvocations: int = 0
-    workflowSteps: int = 0
+    sums: Counter[str] = field(default_factory=Counter)
     commandCounts: Counter[str] = field(default_factory=Counter)
     activeDays: set[str] = field(default_factory=set)
     firstSeenAt: datetime | None = None
     lastSeenAt: datetime | None = None
 
+    def __getattr__(self, name: str) -> int:
+        # delta.durationMsTotal and the like read the summed counter of that name.
+        if name in SUMMED:
+            return self.sums[name]
+        raise AttributeError(name)
+
     def add(self, event: CliEvent, seen_at: datetime) -> None:
-        properties = event.properties
-        self.invocations += 1
-        status = properties.result.status
-        self.successCount += status == "success"
-        self.failureCount += status != "success"
-        self.userErrorCount += status == "user_error"
-        self.durationMsTotal += properties.durationMs or 0
-        context = properties.invocationContext
-        self.agentInvocations += bool(context and context.agentSessionDetected)
-        self.workflowSteps += properties.workflowContext is not None
+        self.sums.update(event_counts(event))
         self.commandCounts[command_key(event)] += 1
         self.activeDays.add(utc_day(seen_at))
         self.firstSeenAt = min(filter(None, (self.firstSeenAt, seen_at)))
         self.lastSeenAt = max(filter(None, (self.lastSeenAt, seen_at)))
 
     def update_operators(self, path: str) -> dict[str, dict[str, Any]]:
-        inc = {f"{path}.{name}": getattr(self, name) for name in SUMMED if getattr(self, name)}
+        inc = {f"{path}.{name}": self.sums[name] for name in SUMMED if self.sums[name]}
         inc |= {f"{path}.commandCounts.{c}": n for c, n in self.commandCounts.items()}
         return {
             "$inc": inc,

@@ -210,3 +210,24 @@ async def test_invented_words_are_counted_on_metrics_not_in_public_counters(
     assert 'swamp_ingest_unknown_command_words_total{command="other",position="command"}' in exposed
     assert "invented" not in exposed
     assert "my-secret-repo" not in exposed
+
+
+def test_every_summed_counter_of_the_model_is_counted_and_nothing_else() -> None:
+    """The counters are listed once (devices/models.py); an event's counts cover exactly them."""
+    from telemetry_service.devices.buckets import event_counts
+    from telemetry_service.devices.models import SUMMED
+    from telemetry_service.ingest.schemas import CliEvent
+    from tests.telemetry.conftest import cli_event
+
+    assert set(event_counts(CliEvent.model_validate(cli_event("d")))) == set(SUMMED)
+
+
+def test_a_delta_holds_integers_for_the_database() -> None:
+    from telemetry_service.devices.buckets import BucketDelta
+    from telemetry_service.ingest.schemas import CliEvent
+    from tests.telemetry.conftest import cli_event
+
+    delta = BucketDelta()
+    delta.add(CliEvent.model_validate(cli_event("d")), datetime.now(UTC))
+    increments = delta.update_operators("anon")["$inc"].values()
+    assert all(type(n) is int for n in increments)
