@@ -1,0 +1,136 @@
+"""Attacks on the isolating ingest watcher (SPEC I2, I3, I11, I12): poison in every position of
+big batches, poison that fails only in some attempts, rival replicas with short leases, leases
+lost and crashes in the middle of a split, operators retrying and purging while a watcher runs,
+hostile stats requests and hostile admin/CLI input."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shared_contracts import failpoints
+from shared_contracts.keys import api_key_hash as key_hash
+from shared_contracts.messages import ApiKeyIssued, UserRegistered
+from telemetry_service.collections import EVENTS, UNCLAIMED, USER_METRICS
+from telemetry_service.consumers.commands import command_consumer
+from telemetry_service.processing import watcher as watcher_module
+from telemetry_service.processing.watcher import IngestWatcher
+from telemetry_service.runtime import TelemetryRuntime
+from tests.telemetry.conftest import Telemetry, cli_event
+
+
+@pytest.fixture(autouse=True)
+def _disarm() -> Iterator[None]:
+    yield
+    failpoints.disarm()
+
+
+def replica(telemetry: Telemetry, **settings: Any) -> IngestWatcher:
+    """A watcher with its own settings (batch size, lease, attempts...)."""
+    changed = telemetry.runtime.settings.model_copy(update=settings)
+    runtime = TelemetryRuntime(settings=changed, client=telemetry.runtime.client)
+    return IngestWatcher(runtime, worker=f"w-{uuid.uuid4().hex[:4]}")
+
+
+class Poison:
+    """Events that fail inside the transaction (as an event the database refuses would): always,
+    or only in their first ``flaky`` transaction attempts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.always: set[str] = set()
+        self.flaky: dict[str, int] = {}
+        real = watcher_module.apply_events
+
+        async def apply_events(db: Any, events: Any, **kwargs: Any) -> Any:
+            ids = {e.id for e in events}
+            if ids & self.always:
+                raise ValueError(f"poison {sorted(ids & self.always)}")
+            for event_id in sorted(ids & set(self.flaky)):
+                if self.flaky[event_id] > 0:
+                    self.flaky[event_id] -= 1
+                    raise ValueError(f"flaky poison {event_id}")
+            return await real(db, events, **kwargs)
+
+        monkeypatch.setattr(watcher_module, "apply_events", apply_events)
+
+
+async def expire_backoffs(telemetry: Telemetry) -> None:
+    await telemetry.runtime.db[EVENTS].update_many(
+        {"processed": False, "dead": {"$ne": True}}, {"$set": {"leaseUntil": UNCLAIMED}}
+    )
+
+
+async def counted(telemetry: Telemetry) -> int:
+    """Sum of every bucket's invocations over all devices."""
+    total = 0
+    async for device in telemetry.runtime.db[USER_METRICS].find():
+        total += int(device.get("anon", {}).get("invocations", 0))
+        total += sum(int(b.get("invocations", 0)) for b in device.get("users", {}).values())
+    return total
+
+
+async def learn_key(telemetry: Telemetry, username: str, key: str) -> str:
+    """The app's commands for a user whose key was already in use reach telemetry now."""
+    user_id = uuid.uuid4().hex
+    await telemetry.runtime.commands.publish(
+        UserRegistered(userId=user_id, username=username, seq=telemetry.tick())
+    )
+    await telemetry.runtime.commands.publish(ApiKeyIssued(userId=user_id, keyHash=key_hash(key)))
+    await command_consumer(telemetry.runtime).drain()
+    return user_id
+
+
+async def owner_of(telemetry: Telemetry, device: str) -> str | None:
+    document = await telemetry.runtime.db[USER_METRICS].find_one({"_id": device})
+    return None if document is None else document.get("ownerUserId")
+
+
+# --- I3: ownership follows arrival, also across batch boundaries and splits -----------------
+
+
+async def test_a_waiting_key_in_an_earlier_batch_still_owns_the_device(
+    telemetry: Telemetry,
+) -> None:
+    """BUG: behind_a_waiting_key only looks inside one batch. Alice's event (key not known yet)
+    arrives first on a new device, Bob's (known key) second; with batches of 1 Alice's event is
+    deferred in batch 1 and Bob's applied in batch 2: Bob owns the device, though Alice's
+    authenticated event reached the server first (I3)."""
+    bob, bob_key = await telemetry.register("bobby")
+    alice_key = f"swamp_{uuid.uuid4().hex}"  # the app just returned it: telemetry does not know it
+    assert (await telemetry.post(cli_event("shared"), alice_key)).status_code == 202
+    assert (await telemetry.post(cli_event("shared"), bob_key)).status_code == 202
+
+    await replica(telemetry, ingest_batch_size=1).drain()
+    # The app's user_registered and api_key_issued for alice reach telemetry now.
+    alice = await learn_key(telemetry, "alice", alice_key)
+    await expire_backoffs(telemetry)
+    await telemetry.watcher.drain()
+    assert await telemetry.runtime.db[EVENTS].count_documents({"processed": False}) == 0
+    assert await owner_of(telemetry, "shared") == alice, f"bob ({bob}) took the device"
+
+
+async def test_a_split_separating_a_waiting_key_from_a_later_user_keeps_arrival_ownership(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BUG, the same hole with the default batch size: one poison event anywhere in the batch
+    splits it, the halves are separate transactions, and the half holding Bob's event no longer
+    sees Alice's waiting event in the other half: Bob owns the device Alice reached first."""
+    poison = Poison(monkeypatch)
+    bob, bob_key = await telemetry.register("bobby")
+    alice_key = f"swamp_{uuid.uuid4().hex}"
+    assert (await telemetry.post(cli_event("shared"), alice_key)).status_code == 202
+    bad = cli_event("elsewhere")
+    poison.always.add(bad["insert_id"])
+    await telemetry.post(bad)
+    assert (await telemetry.post(cli_event("shared"), bob_key)).status_code == 202
+
+    await telemetry.watcher.drain()  # [alice's | poison, bob's] -> [alice's] [poison] [bob's]
+    alice = await learn_key(telemetry, "alice", alice_key)
+    poison.always.clear()
+    await expire_backoffs(telemetry)
+    await telemetry.watcher.drain()
+    assert await telemetry.runtime.db[EVENTS].count_documents({"processed": False}) == 0
+    assert await owner_of(telemetry, "shared") == alice, f"bob ({bob}) took the device"
