@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -134,3 +135,48 @@ async def test_a_split_separating_a_waiting_key_from_a_later_user_keeps_arrival_
     await telemetry.watcher.drain()
     assert await telemetry.runtime.db[EVENTS].count_documents({"processed": False}) == 0
     assert await owner_of(telemetry, "shared") == alice, f"bob ({bob}) took the device"
+
+
+async def test_the_first_authenticated_event_failing_once_still_makes_its_user_the_owner(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BUG (I3 vs the split): Alice's authenticated event reached the server first but fails its
+    first transaction attempt (a transient fault of that event alone); the split applies Bob's
+    later event in the same pass, and Bob owns the device for good, though Alice's event is
+    applied a second later. Waiting for a key holds later authenticated events on an unowned
+    device (behind_a_waiting_key); waiting for a retry does not."""
+    poison = Poison(monkeypatch)
+    alice, alice_key = await telemetry.register("alice")
+    bob, bob_key = await telemetry.register("bobby")
+    first = cli_event("shared")
+    poison.flaky[first["insert_id"]] = 2  # the whole batch's attempt, then its own
+    await telemetry.post(first, alice_key)
+    await telemetry.post(cli_event("shared"), bob_key)
+    await telemetry.watcher.drain()
+    await expire_backoffs(telemetry)
+    await telemetry.watcher.drain()
+    assert await telemetry.runtime.db[EVENTS].count_documents({"processed": True}) == 2
+    assert await owner_of(telemetry, "shared") == alice, f"bob ({bob}) took the device"
+
+
+async def test_an_event_stored_without_an_arrival_number_does_not_stop_the_watcher(
+    telemetry: Telemetry,
+) -> None:
+    """BUG: during a rolling upgrade an older replica still stores events without ``seq``
+    (number_unsequenced runs once, at start-up). The claim sorts them first and reads
+    ``d["seq"]``: KeyError on every batch, and nothing at all is applied any more (I11)."""
+    old = cli_event("old-replica-dev")
+    await telemetry.runtime.db[EVENTS].insert_one(
+        {
+            "_id": old["insert_id"],
+            "raw": old,
+            "distinctId": old["distinct_id"],
+            "keyHash": None,
+            "receivedAt": datetime.now(UTC),
+            "processed": False,
+            "leaseUntil": UNCLAIMED,
+        }
+    )
+    await telemetry.post({"events": [cli_event("new-dev") for _ in range(3)]})
+    await telemetry.watcher.drain()
+    assert (await telemetry.device("new-dev")).json()["anonymous"]["invocations"] == 3
