@@ -5,12 +5,16 @@ hostile stats requests and hostile admin/CLI input."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash as key_hash
@@ -56,6 +60,11 @@ class Poison:
             return await real(db, events, **kwargs)
 
         monkeypatch.setattr(watcher_module, "apply_events", apply_events)
+
+
+def batches(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("swamp_ingest_batches_total", {"outcome": outcome})
+    return value or 0.0
 
 
 async def expire_backoffs(telemetry: Telemetry) -> None:
@@ -180,3 +189,147 @@ async def test_an_event_stored_without_an_arrival_number_does_not_stop_the_watch
     await telemetry.post({"events": [cli_event("new-dev") for _ in range(3)]})
     await telemetry.watcher.drain()
     assert (await telemetry.device("new-dev")).json()["anonymous"]["invocations"] == 3
+
+
+# --- I11 + I2: poison anywhere, exactly once ------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(size=st.integers(2, 60), data=st.data())
+async def test_poison_anywhere_in_a_big_batch_leaves_every_other_event_applied_in_one_pass(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, size: int, data: st.DataObject
+) -> None:
+    """First, last, many, all: one pass applies every innocent event, exactly once; only the
+    poison waits, each with its reason and a backoff."""
+    db = telemetry.runtime.db
+    await db[EVENTS].delete_many({})
+    await db[USER_METRICS].delete_many({})
+    bad = data.draw(st.sets(st.integers(0, size - 1), min_size=1), label="poison positions")
+    poison = Poison(monkeypatch)
+    events = [cli_event(f"dev-{i % 4}") for i in range(size)]
+    poison.always = {events[i]["insert_id"] for i in bad}
+    assert (await telemetry.post({"events": events})).status_code == 202
+    assert await telemetry.watcher.process_one_batch() == size
+    assert await counted(telemetry) == size - len(bad)
+    left = await db[EVENTS].find({"processed": False}).to_list()
+    assert {e["_id"] for e in left} == poison.always
+    assert all(e["lastError"].startswith("ValueError: poison") for e in left)
+    assert all("claimToken" not in e and e["attempts"] == 1 for e in left)
+    assert await db[EVENTS].count_documents({"processed": True}) == size - len(bad)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    layout=st.lists(st.sampled_from(["good", "good", "auth", "poison", "flaky"]), max_size=40),
+    batch=st.integers(1, 12),
+    lease=st.sampled_from([0.3, 1.0, 30.0]),
+)
+async def test_two_replicas_over_a_mixed_backlog_with_poison_count_each_event_once(
+    telemetry: Telemetry,
+    monkeypatch: pytest.MonkeyPatch,
+    layout: list[str],
+    batch: int,
+    lease: float,
+) -> None:
+    db = telemetry.runtime.db
+    await db[EVENTS].delete_many({})
+    await db[USER_METRICS].delete_many({})
+    _, key = await telemetry.register(f"mix-{uuid.uuid4().hex[:8]}")
+    poison = Poison(monkeypatch)
+    anonymous, authenticated = [], []
+    for n, kind in enumerate(layout):
+        event = cli_event(f"dev-{n % 3}")
+        (authenticated if kind == "auth" else anonymous).append(event)
+        if kind == "poison":
+            poison.always.add(event["insert_id"])
+        elif kind == "flaky":
+            poison.flaky[event["insert_id"]] = 2
+    for chunk in (
+        anonymous[: len(anonymous) // 2],
+        authenticated,
+        anonymous[len(anonymous) // 2 :],
+    ):
+        if chunk:
+            assert (
+                await telemetry.post({"events": chunk}, key if chunk is authenticated else None)
+            ).status_code == 202
+
+    settings_ = {"ingest_batch_size": batch, "ingest_lease_seconds": lease, "queue_max_attempts": 3}
+    rivals = [replica(telemetry, **settings_), replica(telemetry, **settings_)]
+    for _ in range(5):
+        await asyncio.gather(*(r.drain() for r in rivals))
+        await expire_backoffs(telemetry)
+
+    processed = await db[EVENTS].count_documents({"processed": True})
+    assert await counted(telemetry) == processed  # I2
+    assert await db[EVENTS].count_documents({"processed": True, "dead": True}) == 0
+    dead = {e["_id"] for e in await db[EVENTS].find({"dead": True}).to_list()}
+    assert dead == poison.always
+    assert processed == len(layout) - len(poison.always)
+
+
+@pytest.mark.parametrize("skip", [0, 1, 2])
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        watcher_module.AFTER_METRICS_WRITE,
+        watcher_module.BEFORE_MARK_PROCESSED,
+        watcher_module.BEFORE_COMMIT,
+    ],
+)
+async def test_a_crash_in_the_middle_of_a_split_counts_every_event_once(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, failpoint: str, skip: int
+) -> None:
+    """The whole batch fails on a poison event; ``skip`` parts of the split commit, then the
+    worker dies inside the next part. A fresh worker takes over after the lease."""
+    poison = Poison(monkeypatch)
+    _, key = await telemetry.register("crashy")
+    events = [cli_event(f"c-{i % 3}") for i in range(12)]
+    poison.always = {events[4]["insert_id"], events[9]["insert_id"]}
+    await telemetry.post({"events": events}, key)
+    failpoints.arm(failpoint, times=1, skip=skip)
+    with pytest.raises(failpoints.FailpointError):
+        await telemetry.watcher.process_one_batch()
+    failpoints.disarm()
+    db = telemetry.runtime.db
+    for _ in range(telemetry.runtime.settings.queue_max_attempts + 1):
+        await expire_backoffs(telemetry)
+        await IngestWatcher(telemetry.runtime).drain()
+    assert (await telemetry.stats("crashy"))["totalInvocations"] == 10
+    assert await counted(telemetry) == await db[EVENTS].count_documents({"processed": True}) == 10
+    assert {e["_id"] for e in await db[EVENTS].find({"dead": True}).to_list()} == poison.always
+
+
+async def test_a_lease_lost_in_the_middle_of_a_split_counts_every_event_once(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first half of a split commits; before the second half runs, a rival replica takes
+    the rest of the claim over (our lease expired) and applies it. Our second half must not
+    count anything a second time."""
+    poison = Poison(monkeypatch)
+    _, key = await telemetry.register("leasy")
+    events = [cli_event(f"l-{i % 2}") for i in range(8)]
+    poison.always = {events[1]["insert_id"]}
+    await telemetry.post({"events": events}, key)
+    db = telemetry.runtime.db
+    rival = IngestWatcher(telemetry.runtime, worker="rival")
+    real_renew = IngestWatcher._renew_lease
+    renewals = 0
+
+    async def renew_then_lose(self: IngestWatcher, token: str) -> None:
+        nonlocal renewals
+        renewals += 1
+        await real_renew(self, token)
+        if self is not rival and renewals == 5:  # whole, [0:4], [0:2], [0:1], [1:2] -> [2:4]
+            await db[EVENTS].update_many({"claimToken": token}, {"$set": {"leaseUntil": UNCLAIMED}})
+            await rival.process_one_batch()
+
+    monkeypatch.setattr(IngestWatcher, "_renew_lease", renew_then_lose)
+    lost = batches("lease_lost")
+    await telemetry.watcher.process_one_batch()
+    assert renewals >= 5
+    assert batches("lease_lost") == lost + 1  # our second half found the rival's claim
+    await expire_backoffs(telemetry)
+    await telemetry.watcher.drain()
+    assert await counted(telemetry) == await db[EVENTS].count_documents({"processed": True}) == 7
+    assert (await telemetry.stats("leasy"))["totalInvocations"] == 7
