@@ -18,13 +18,15 @@ from prometheus_client import REGISTRY
 
 from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash as key_hash
-from shared_contracts.messages import ApiKeyIssued, UserRegistered
+from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, UserRegistered
 from telemetry_service.collections import EVENTS, UNCLAIMED, USER_METRICS
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.processing import watcher as watcher_module
+from telemetry_service.processing.set_aside import count_set_aside, purge_set_aside, retry_set_aside
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
-from tests.telemetry.conftest import Telemetry, cli_event
+from tests.telemetry.conftest import ADMIN, ADMIN_TOKEN, Telemetry, cli_event
+from tests.telemetry.test_isolation import store_as_an_older_release_did
 
 
 @pytest.fixture(autouse=True)
@@ -333,3 +335,125 @@ async def test_a_lease_lost_in_the_middle_of_a_split_counts_every_event_once(
     await telemetry.watcher.drain()
     assert await counted(telemetry) == await db[EVENTS].count_documents({"processed": True}) == 7
     assert (await telemetry.stats("leasy"))["totalInvocations"] == 7
+
+
+# --- operators: retry and purge while a watcher runs ----------------------------------------
+
+
+async def test_retry_and_purge_racing_a_running_watcher_never_count_twice_or_lose_an_event(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    poison = Poison(monkeypatch)
+    db = telemetry.runtime.db
+    _, key = await telemetry.register("racer")
+    events = [cli_event(f"r-{i % 3}") for i in range(30)]
+    poison.always = {e["insert_id"] for e in events[::3]}  # 10 of 30
+    purged_ids = sorted(poison.always)[:4]
+    await telemetry.post({"events": events}, key)
+    watcher = replica(telemetry, ingest_batch_size=4, queue_max_attempts=1)
+
+    async def operator() -> None:
+        for round_ in range(12):
+            await retry_set_aside(db, ids=None)
+            if round_ % 3 == 2:
+                await purge_set_aside(db, ids=purged_ids)
+            await asyncio.sleep(0)
+
+    async def watching() -> None:
+        for _ in range(12):
+            await watcher.drain()
+            await expire_backoffs(telemetry)
+
+    await asyncio.gather(operator(), watching(), watcher.drain())
+    await purge_set_aside(db, ids=purged_ids)
+    poison.always.clear()  # the operator fixed the cause
+    await retry_set_aside(db, ids=None)
+    await expire_backoffs(telemetry)
+    await watcher.drain()
+    processed = await db[EVENTS].count_documents({"processed": True})
+    assert await counted(telemetry) == processed
+    remaining = {e["_id"] for e in await db[EVENTS].find().to_list()}
+    purged = {e["insert_id"] for e in events} - remaining
+    assert purged <= set(purged_ids)  # only what the operator purged is gone, never counted
+    assert processed == 30 - len(purged)
+    assert await db[EVENTS].count_documents({"processed": False}) == 0
+
+
+# --- hostile requests ------------------------------------------------------------------------
+
+
+async def test_hostile_device_stats_requests_learn_nothing(telemetry: Telemetry) -> None:
+    owner, key = await telemetry.register("owner")
+    _, other_key = await telemetry.register("other")
+    await telemetry.post(cli_event("laptop"), key)
+    await telemetry.drain()
+    # The owner's key, revoked since.
+    await telemetry.runtime.commands.publish(ApiKeyRevoked(keyHash=key_hash(key)))
+    await command_consumer(telemetry.runtime).drain()
+
+    def get(params: dict[str, str], headers: dict[str, Any]) -> Any:
+        return telemetry.http.get("/v1/stats", params=params, headers=headers)
+
+    device = {"distinct_id": "laptop"}
+    hostile: list[tuple[dict[str, Any], int]] = [
+        ({"x-api-key": other_key}, 404),
+        ({"x-api-key": key}, 401),  # revoked
+        ({"Authorization": f"Bearer {key}"}, 401),
+        ({"Authorization": f"Bearer {ADMIN_TOKEN}x"}, 401),
+        ({"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"}, 401),
+        ({"Authorization": f"Basic {ADMIN_TOKEN}"}, 401),
+        ({"Authorization": f"Bearer {ADMIN_TOKEN} {ADMIN_TOKEN}"}, 401),
+        ({"Authorization": "Bearer"}, 401),
+        ({"Authorization": "Bearer    "}, 401),
+        ({"Authorization": "    "}, 401),
+        ({"Authorization": "\u00e9\u00e9".encode("latin-1")}, 401),
+        ({"x-api-key": ADMIN_TOKEN}, 401),  # the admin token is not an API key
+        ({"x-api-key": "   ", "Authorization": "Token abc"}, 401),
+    ]
+    for headers, status in hostile:
+        response = await get(device, headers)
+        assert response.status_code == status, (headers, response.text)
+        assert "laptop" not in response.text or status == 404
+        public = await get({"username": "owner"}, headers)
+        assert public.status_code == 200, (headers, public.text)
+        assert "distinctIds" not in public.json(), headers
+    assert (await get(device, {"Authorization": f"bearer  {ADMIN_TOKEN} "})).status_code == 200
+    assert (await get({"username": "owner"}, {"x-api-key": key})).json().get("distinctIds") is None
+
+
+@pytest.mark.parametrize("path", ["/admin/events/dead/retry", "/admin/events/dead/purge"])
+async def test_a_huge_ids_list_on_the_admin_api_is_refused_not_a_500(
+    telemetry: Telemetry, path: str
+) -> None:
+    """BUG: ``EventIds.ids`` allows 10,000 ids of any length and the admin API has no body limit;
+    10,000 ids of 2,000 characters make a 20 MB ``$in`` filter, over MongoDB's 16 MB command
+    limit: the request fails with a 500 instead of a 413/422."""
+    ids = [f"{n:06d}" + "x" * 1994 for n in range(10_000)]
+    try:
+        response = await telemetry.http.post(path, json={"ids": ids}, headers=ADMIN)
+    except Exception as exc:  # the in-process transport re-raises what the app did not handle
+        pytest.fail(f"unhandled {type(exc).__name__}: {str(exc)[:200]}")
+    assert response.status_code in (400, 413, 422), response.text[:300]
+
+
+async def test_admin_ids_at_the_limit_and_odd_ids_work(telemetry: Telemetry) -> None:
+    odd = ["-x", "--all", " ", "a\nb", "$in", "ü" * 200]
+    for event_id in odd:
+        event = cli_event("odd-dev", event_id=event_id)
+        event["properties"]["startedAt"] = "9999-12-31T23:00:00-05:00"
+        await store_as_an_older_release_did(telemetry, event)
+    await telemetry.drain()
+    assert await count_set_aside(telemetry.runtime.db) == len(odd)
+    many = [str(n) for n in range(10_000)] + odd[:2]
+    response = await telemetry.http.post(
+        "/admin/events/dead/retry", json={"ids": many[-10_000:]}, headers=ADMIN
+    )
+    assert response.json() == {"retried": 2}
+    too_many = await telemetry.http.post(
+        "/admin/events/dead/retry", json={"ids": many}, headers=ADMIN
+    )
+    assert too_many.status_code == 422
+    for bad in ({"ids": [1, 2]}, {"ids": "x"}, {"ids": [None]}, [], {"ids": [{"$ne": 1}]}):
+        response = await telemetry.http.post("/admin/events/dead/purge", json=bad, headers=ADMIN)
+        assert response.status_code in (400, 422), (bad, response.text)
+    assert await count_set_aside(telemetry.runtime.db) == len(odd) - 2
