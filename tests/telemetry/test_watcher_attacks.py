@@ -6,25 +6,33 @@ hostile stats requests and hostile admin/CLI input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
+from pymongo.errors import ExecutionTimeout
 
 from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, UserRegistered
 from telemetry_service.collections import EVENTS, UNCLAIMED, USER_METRICS
 from telemetry_service.consumers.commands import command_consumer
+from telemetry_service.ingest import arrival
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.set_aside import count_set_aside, purge_set_aside, retry_set_aside
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
+from tests.support import DbNames
 from tests.telemetry.conftest import ADMIN, ADMIN_TOKEN, Telemetry, cli_event
 from tests.telemetry.test_isolation import store_as_an_older_release_did
 
@@ -383,7 +391,7 @@ async def test_retry_and_purge_racing_a_running_watcher_never_count_twice_or_los
 
 
 async def test_hostile_device_stats_requests_learn_nothing(telemetry: Telemetry) -> None:
-    owner, key = await telemetry.register("owner")
+    _, key = await telemetry.register("owner")
     _, other_key = await telemetry.register("other")
     await telemetry.post(cli_event("laptop"), key)
     await telemetry.drain()
@@ -457,3 +465,109 @@ async def test_admin_ids_at_the_limit_and_odd_ids_work(telemetry: Telemetry) -> 
         response = await telemetry.http.post("/admin/events/dead/purge", json=bad, headers=ADMIN)
         assert response.status_code in (400, 422), (bad, response.text)
     assert await count_set_aside(telemetry.runtime.db) == len(odd) - 2
+
+
+async def test_the_events_command_line_with_odd_ids(
+    telemetry: Telemetry, mongo_uri: str, db_names: DbNames
+) -> None:
+    odd = ["-x", "--all", "a b", "\u00fc\u00df", "$ne"]
+    for event_id in odd:
+        event = cli_event("odd-dev", event_id=event_id)
+        event["properties"]["startedAt"] = "9999-12-31T23:00:00-05:00"
+        await store_as_an_older_release_did(telemetry, event)
+    await telemetry.drain()
+    env = {
+        **os.environ,
+        "MONGODB_URI": mongo_uri,
+        "TELEMETRY_DB": db_names.telemetry,
+        "BUS_DB": db_names.bus,
+    }
+
+    async def swamp_club(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "swamp-club"), "events", *args,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode or 0, output.decode()
+
+    code, output = await swamp_club("dead", "--json")
+    assert code == 0, output
+    assert {e["id"] for e in json.loads(output)["events"]} == set(odd)
+    assert await swamp_club("retry", "--json", "--", "-x", "--all") == (0, '{"retried": 2}\n')
+    assert await swamp_club("purge", "--json", "--", "a b", "$ne", "$ne") == (0, '{"purged": 2}\n')
+    code, output = await swamp_club("retry", "--json", "--all", "--", "\u00fc\u00df")
+    assert code == 2, output  # ids and --all together
+    assert await count_set_aside(telemetry.runtime.db) == 1
+
+
+async def test_a_request_still_being_stored_keeps_its_arrival_against_a_later_request(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BUG (I3, I11 "applied in arrival order"): a request reserves its arrival numbers, then
+    inserts. Alice's request reserves first but its insert is slower than Bob's; a watcher that
+    claims between Bob's insert and Alice's applies Bob's event (higher seq) first, and Bob owns
+    the device that Alice's authenticated event reached first. The claim never waits for a lower
+    number still in flight."""
+    _, alice_key = await telemetry.register("alice")
+    bob, bob_key = await telemetry.register("bobby")
+    real = arrival.reserve
+    reserved, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_first_reserve(db: Any, count: int, **kwargs: Any) -> int:
+        first = await real(db, count, **kwargs)
+        if not reserved.is_set():
+            reserved.set()
+            await go_on.wait()  # the insert of this request is slow
+        return first
+
+    monkeypatch.setattr(arrival, "reserve", slow_first_reserve)
+    alice_request = asyncio.create_task(telemetry.post(cli_event("shared"), alice_key))
+    await reserved.wait()
+    assert (await telemetry.post(cli_event("shared"), bob_key)).status_code == 202
+    await telemetry.watcher.drain()  # a watcher woken by Bob's insert
+    go_on.set()
+    assert (await alice_request).status_code == 202
+    await telemetry.watcher.drain()
+    stored = await telemetry.runtime.db[EVENTS].find().sort("seq", 1).to_list()
+    assert [e["processed"] for e in stored] == [True, True]
+    alice = (await telemetry.stats("alice"))["userId"]
+    assert await owner_of(telemetry, "shared") == alice, f"bob ({bob}) took the device"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: ExecutionTimeout("operation exceeded time limit", code=50),
+        lambda: failpoints.FailpointError("the worker dies on this event"),
+    ],
+    ids=["execution-timeout", "crash"],
+)
+async def test_an_event_that_keeps_killing_its_batch_does_not_take_the_batch_with_it(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, failure: Any
+) -> None:
+    """BUG (I11): a failure events_fault does not blame on the events (a timeout, a worker
+    death) is retried as a whole claim after the lease, never split. When one event causes it
+    every time (an event heavy enough to time the transaction out, or to get the worker
+    OOM-killed), every claim of its batch dies, attempts grow for all of them, and after
+    QUEUE_MAX_ATTEMPTS claims _set_aside_exhausted sets aside the whole batch: 9 innocent
+    events are dead because of one."""
+    real = watcher_module.apply_events
+    events = [cli_event("heavy-dev") for _ in range(10)]
+    killer = events[3]["insert_id"]
+
+    async def apply_events(db: Any, batch: Any, **kwargs: Any) -> Any:
+        if killer in {e.id for e in batch}:
+            raise failure()
+        return await real(db, batch, **kwargs)
+
+    monkeypatch.setattr(watcher_module, "apply_events", apply_events)
+    await telemetry.post({"events": events})
+    for _ in range(telemetry.runtime.settings.queue_max_attempts + 2):
+        with contextlib.suppress(Exception):
+            await telemetry.watcher.process_one_batch()
+        await expire_backoffs(telemetry)
+    db = telemetry.runtime.db
+    dead = {e["_id"] for e in await db[EVENTS].find({"dead": True}).to_list()}
+    assert dead <= {killer}, f"{len(dead - {killer})} innocent events set aside"
+    assert await db[EVENTS].count_documents({"processed": True}) == 9
