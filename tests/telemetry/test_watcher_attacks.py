@@ -246,7 +246,8 @@ async def test_two_replicas_over_a_mixed_backlog_with_poison_count_each_event_on
     await db[USER_METRICS].delete_many({})
     _, key = await telemetry.register(f"mix-{uuid.uuid4().hex[:8]}")
     poison = Poison(monkeypatch)
-    anonymous, authenticated = [], []
+    anonymous: list[dict[str, Any]] = []
+    authenticated: list[dict[str, Any]] = []
     for n, kind in enumerate(layout):
         event = cli_event(f"dev-{n % 3}")
         (authenticated if kind == "auth" else anonymous).append(event)
@@ -461,7 +462,8 @@ async def test_admin_ids_at_the_limit_and_odd_ids_work(telemetry: Telemetry) -> 
         "/admin/events/dead/retry", json={"ids": many}, headers=ADMIN
     )
     assert too_many.status_code == 422
-    for bad in ({"ids": [1, 2]}, {"ids": "x"}, {"ids": [None]}, [], {"ids": [{"$ne": 1}]}):
+    bodies: list[Any] = [{"ids": [1, 2]}, {"ids": "x"}, {"ids": [None]}, [], {"ids": [{"$ne": 1}]}]
+    for bad in bodies:
         response = await telemetry.http.post("/admin/events/dead/purge", json=bad, headers=ADMIN)
         assert response.status_code in (400, 422), (bad, response.text)
     assert await count_set_aside(telemetry.runtime.db) == len(odd) - 2
