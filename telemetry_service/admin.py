@@ -59,8 +59,11 @@ class SetAsideEvents(BaseModel):
     events: list[SetAsideEvent]
 
 
+EventId = Annotated[str, Field(min_length=1, max_length=200)]  # as long as ingest allows
+
+
 class EventIds(BaseModel):
-    ids: list[str] | None = Field(
+    ids: list[EventId] | None = Field(
         default=None, max_length=10_000, description="Event ids; omit for every set-aside event."
     )
 

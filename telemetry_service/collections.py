@@ -63,6 +63,13 @@ async def ensure_indexes(db: Database) -> None:
     await db[EVENTS].create_indexes(
         [
             IndexModel([("processed", ASCENDING), ("seq", ASCENDING)], name="claim_arrival"),
+            # Unapplied events of a device (only those: the index stays as small as the
+            # backlog): who reached a device without an owner first (watcher, I3).
+            IndexModel(
+                [("distinctId", ASCENDING), ("seq", ASCENDING)],
+                name="unprocessed_by_device",
+                partialFilterExpression={"processed": False},
+            ),
             IndexModel([("claimToken", ASCENDING)], name="claim_token", sparse=True),
         ]
     )

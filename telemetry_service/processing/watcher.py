@@ -44,6 +44,7 @@ from telemetry_service.devices.store import (
 from telemetry_service.identity.keys import known_keys
 from telemetry_service.identity.models import KnownKey
 from telemetry_service.identity.store import bind_devices
+from telemetry_service.ingest.arrival import number_unsequenced
 from telemetry_service.ingest.schemas import CliEvent
 from telemetry_service.projection.writer import write_projections
 from telemetry_service.runtime import TelemetryRuntime
@@ -56,6 +57,11 @@ BEFORE_MARK_PROCESSED = "ingest.before_mark_processed"
 BEFORE_COMMIT = "ingest.before_commit"
 
 KeyOutcome = Literal["user", "no_key", "revoked", "unknown", "waiting"]
+
+#: Claims of an event that died without applying it, before it is claimed alone (claim_batch).
+CRASH_LOOP_ATTEMPTS = 3
+#: Claims of a batch that died, after which a failure of any kind splits it (_apply_isolating).
+SPLIT_AFTER_ATTEMPTS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,13 +202,23 @@ class IngestWatcher:
     # --- one batch -----------------------------------------------------------------------
 
     async def claim_batch(self) -> tuple[str, list[dict[str, Any]]]:
-        """Lease up to a batch of unprocessed events: three commands, whatever the batch size."""
+        """Lease up to a batch of unprocessed events in arrival order: three commands, whatever
+        the batch size. When the first one's claims already died twice without applying it (a
+        worker killed while applying it, again and again), it is claimed alone: a crash loop
+        then costs attempts to that event only, never to the events claimed with it."""
         now = datetime.now(UTC)
         free = {"processed": False, "leaseUntil": {"$lte": now}}
-        first = self.events.find(
-            free, {"seq": 1}, sort=[("seq", 1)], limit=self.settings.ingest_batch_size
-        )
-        arrivals = [d["seq"] async for d in first]
+        first = await self.events.find(
+            free, {"seq": 1, "attempts": 1}, sort=[("seq", 1)],
+            limit=self.settings.ingest_batch_size,
+        ).to_list()  # fmt: skip
+        if any("seq" not in d for d in first):
+            # Stored by a replica of the previous release during a rolling upgrade.
+            await number_unsequenced(self.runtime.db)
+            return await self.claim_batch()
+        if first and first[0].get("attempts", 0) >= CRASH_LOOP_ATTEMPTS:
+            first = first[:1]
+        arrivals = [d["seq"] for d in first]
         if not arrivals:
             return "", []
         token = uuid.uuid4().hex
@@ -250,7 +266,10 @@ class IngestWatcher:
         try:
             await in_transaction(self.runtime.client, apply)
         except Exception as exc:
-            if not events_fault(exc):
+            # A failure that blames no event (a timeout, a crash) is retried as a whole claim;
+            # when the same events' claims already died, it may well be one of them after all.
+            died_before = all(attempts.get(e.id, 0) >= SPLIT_AFTER_ATTEMPTS for e in batch)
+            if not (events_fault(exc) or (died_before and retry_splits(exc))):
                 raise
             if len(batch) == 1:
                 await self._failed_alone(token, batch[0], attempts.get(batch[0].id, 0), exc)
@@ -373,6 +392,7 @@ class IngestWatcher:
         )
         owners = await load_owners(db, {e.device for e in batch}, session=session)
         held = behind_a_waiting_key(split, owners)
+        held |= await self._behind_earlier_keyed_events(split.ready, owners, batch, session)
         ready = [e for e in split.ready if e.id not in held]
         await self._defer([e.id for e in split.waiting] + sorted(held), session)
         written = await apply_events(db, ready, owners=owners, session=session)
@@ -407,6 +427,41 @@ class IngestWatcher:
             {i: why for i, why in split.unattributed.items() if i not in held}, session
         )
         failpoints.hit(BEFORE_COMMIT)
+
+    async def _behind_earlier_keyed_events(
+        self,
+        ready: list[AttributedEvent],
+        owners: dict[str, str],
+        batch: list[StoredEvent],
+        session: AsyncClientSession,
+    ) -> set[str]:
+        """Authenticated events on a device with no owner yet wait behind any earlier event of
+        that device that carries a key and is still unapplied outside this batch: waiting for
+        its key, or claimed in another batch or the other half of a split (I3: the first
+        authenticated arrival owns the device). Not behind one that failed (``lastError``): a
+        failing event never holds others back (I11); the device then goes to the next."""
+        candidates = [e for e in ready if e.user_id is not None and e.device not in owners]
+        if not candidates:
+            return set()
+        earlier = self.events.find(
+            {
+                "distinctId": {"$in": sorted({e.device for e in candidates})},
+                "processed": False,
+                "seq": {"$lt": max(e.arrival for e in candidates)},
+                "keyHash": {"$ne": None},
+                "dead": {"$ne": True},
+                "lastError": {"$exists": False},
+                "_id": {"$nin": [e.id for e in batch]},
+            },
+            {"distinctId": 1, "seq": 1},
+            session=session,
+        )
+        first: dict[str, int] = {}
+        async for event in earlier:
+            first[event["distinctId"]] = min(
+                first.get(event["distinctId"], event["seq"]), event["seq"]
+            )
+        return {e.id for e in candidates if e.arrival > first.get(e.device, e.arrival)}
 
     async def _defer(self, waiting: list[str], session: AsyncClientSession) -> None:
         """Events whose key is not known yet go back, unclaimed, to be looked at again shortly.
@@ -448,6 +503,12 @@ def events_fault(exc: BaseException) -> bool:
         return False
     labels = ("TransientTransactionError", "UnknownTransactionCommitResult", "RetryableWriteError")
     return not (isinstance(exc, PyMongoError) and any(map(exc.has_error_label, labels)))
+
+
+def retry_splits(exc: BaseException) -> bool:
+    """On a claim that died before, everything but a lost lease, a cancellation or the
+    database being unreachable is split to find the events at fault."""
+    return not isinstance(exc, LeaseLost | asyncio.CancelledError | ConnectionFailure)
 
 
 def describe(exc: BaseException) -> str:
