@@ -25,6 +25,23 @@ class BusSettings(BaseSettings):
         pattern=r"^mongodb(\+srv)?://",
         description="MongoDB deployment holding all three databases (a replica set).",
     )
+    # Chosen, not the driver's defaults (30 s selection, no socket timeout): with the database
+    # down a request must fail fast as a 503, and shutdown must not wait on it for minutes.
+    server_selection_timeout_ms: int = Field(
+        default=3000, alias="MONGODB_SERVER_SELECTION_TIMEOUT_MS", ge=100, le=120_000
+    )
+    connect_timeout_ms: int = Field(
+        default=3000, alias="MONGODB_CONNECT_TIMEOUT_MS", ge=100, le=120_000
+    )
+    # Long enough for the slowest legitimate command (a 500-event batch on the embedded server);
+    # short enough that a hung server (not a dead one: that fails at once) is noticed.
+    socket_timeout_ms: int = Field(
+        default=60_000, alias="MONGODB_SOCKET_TIMEOUT_MS", ge=1000, le=600_000
+    )
+    #: Every database operation of one HTTP request, retries included, within this budget.
+    request_db_timeout_seconds: float = Field(
+        default=10.0, alias="REQUEST_DB_TIMEOUT_SECONDS", gt=0, le=600
+    )
     bus_db: str = Field(default="swamp_bus", alias="BUS_DB", min_length=1, max_length=38)
     queue_lease_seconds: float = Field(default=30.0, alias="QUEUE_LEASE_SECONDS", gt=0)
     queue_max_attempts: int = Field(default=8, alias="QUEUE_MAX_ATTEMPTS", ge=1)
@@ -52,6 +69,14 @@ class BusSettings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         refuse_placeholder_secret(text)
         return value
+
+    def client_options(self) -> dict[str, Any]:
+        """The driver's timeouts, for make_client."""
+        return {
+            "serverSelectionTimeoutMS": self.server_selection_timeout_ms,
+            "connectTimeoutMS": self.connect_timeout_ms,
+            "socketTimeoutMS": self.socket_timeout_ms,
+        }
 
     def queue_config(self, **overrides: Any) -> QueueConfig:
         """The queue engine's knobs, taken from these settings."""

@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, WORKERS_STOP_SECONDS, within
 from shared_contracts.mongo import make_client
 from shared_contracts.observability import install_observability
 from shared_contracts.queue.indexes import ensure_queue_indexes
@@ -21,7 +22,7 @@ from swamp_app.workers import AppWorkers
 
 
 async def open_runtime(settings: AppSettings) -> AppRuntime:
-    client = make_client(settings.mongodb_uri, app_name="swamp_app")
+    client = make_client(settings.mongodb_uri, app_name="swamp_app", **settings.client_options())
     runtime = AppRuntime(settings=settings, client=client)
     try:
         await ensure_indexes(runtime.db)
@@ -49,8 +50,10 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
             yield
         finally:
             if workers:
-                await workers.stop()
-            await runtime.client.close()
+                await within(workers.stop(), seconds=WORKERS_STOP_SECONDS, what="stopping workers")
+            await within(
+                runtime.client.close(), seconds=CLIENT_CLOSE_SECONDS, what="closing the client"
+            )
 
     app = FastAPI(title="swamp-club app", lifespan=lifespan)
     install_error_handlers(app)

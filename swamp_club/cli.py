@@ -1,5 +1,6 @@
 """The ``swamp-club`` command line. Exit codes: 0 ok, 1 a check found problems, 2 bad usage
-or configuration."""
+or configuration (a taken port or data directory included), 3 the database is unreachable,
+130 a forced stop (a second Ctrl-C, or a shutdown past its deadline)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import typer
 
@@ -16,6 +17,7 @@ from shared_contracts.observability import configure_logging
 from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.app_cli import app_cli
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
+from swamp_club.instance import InstanceError, exclusive, write_state
 from swamp_club.queue_cli import contracts_cli, queue_cli
 from swamp_club.settings import LauncherSettings
 from swamp_club.telemetry_cli import telemetry_cli
@@ -36,21 +38,25 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 
 @contextlib.contextmanager
-def database_uri(launcher: LauncherSettings) -> Iterator[str]:
-    """MONGODB_URI if set; otherwise the embedded server with a persistent data directory."""
+def database_uri(launcher: LauncherSettings) -> Iterator[tuple[str, Callable[[], None] | None]]:
+    """MONGODB_URI if set; otherwise the embedded server with a persistent data directory, which
+    this process then owns alone (a second copy is refused) and stops last, on the way out.
+    Yields the URI and what a forced exit must still do (stop the embedded server)."""
     if launcher.mongodb_uri:
-        yield launcher.mongodb_uri
+        yield launcher.mongodb_uri, None
         return
     data_dir = launcher.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    db = EmbeddedDb(
-        storage_path=data_dir / "db",
-        port=launcher.embedded_db_port,
-        log_path=data_dir / "embedded-db.log",
-    )
-    with db:
-        typer.echo(f"embedded database ready at {db.uri} (data in {data_dir / 'db'})")
-        yield db.uri
+    with exclusive(data_dir):
+        db = EmbeddedDb(
+            storage_path=data_dir / "db",
+            port=launcher.embedded_db_port,
+            log_path=data_dir / "embedded-db.log",
+        )
+        with db:
+            assert db.pid is not None
+            write_state(data_dir, uri=db.uri, db_pid=db.pid)
+            typer.echo(f"embedded database ready at {db.uri} (data in {data_dir / 'db'})")
+            yield db.uri, lambda: db.stop(timeout=5)
 
 
 def sample_curl(host: str, port: int) -> str:
@@ -81,7 +87,7 @@ def up() -> None:
 
     try:
         launcher = load_settings(LauncherSettings)
-        with database_uri(launcher) as uri:
+        with database_uri(launcher) as (uri, on_force):
             os.environ["MONGODB_URI"] = uri
             telemetry = load_settings(TelemetrySettings)
             main_app = load_settings(AppSettings)
@@ -97,8 +103,9 @@ def up() -> None:
             typer.echo(f"main app:          http://{main_app.host}:{main_app.port}  (/docs)")
             typer.echo(f"try it:  {sample_curl(telemetry.host, telemetry.port)}")
             typer.echo("Ctrl-C stops everything.")
-            asyncio.run(serve_until_signalled(servers))
-    except (SettingsError, EmbeddedDbError) as exc:
+            asyncio.run(serve_until_signalled(servers, on_force=on_force))
+        # Leaving the block above stopped the embedded database: after the services drained.
+    except (SettingsError, EmbeddedDbError, InstanceError) as exc:
         raise fail(str(exc)) from None
     typer.echo("stopped.")
 
