@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, WORKERS_STOP_SECONDS, within
 from shared_contracts.mongo import make_client
 from shared_contracts.observability import install_observability
+from shared_contracts.outages import install_outage_handling
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.settings import load_settings
 from swamp_app import admin, health
@@ -57,6 +58,7 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="swamp-club app", lifespan=lifespan)
     install_error_handlers(app)
+    install_outage_handling(app, request_db_timeout_seconds=settings.request_db_timeout_seconds)
     install_observability(app, service="app")
     app.include_router(health.router)
     app.include_router(users_router)

@@ -2,12 +2,14 @@
 
 from typing import Any
 
+import pymongo
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
 from shared_contracts.api_errors import error_responses
 from shared_contracts.observability import metrics_response, readiness
+from shared_contracts.outages import READY_DB_TIMEOUT_SECONDS, unavailable
 from shared_contracts.queue.metrics import update_queue_gauges
 from telemetry_service.backfill import Backfill
 from telemetry_service.deps import RuntimeDep
@@ -26,10 +28,11 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
     """Ready for traffic: the database answers (indexes were ensured at start-up), the workers
     run (when this process runs them); the backfill's state is reported, not required."""
     try:
-        await runtime.client.admin.command("ping")
-        backfill = await Backfill(runtime).status()
-    except PyMongoError as exc:
-        return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
+        with pymongo.timeout(READY_DB_TIMEOUT_SECONDS):
+            await runtime.client.admin.command("ping")
+            backfill = await Backfill(runtime).status()
+    except PyMongoError:
+        return unavailable()
     return readiness(
         request.app.state.workers,
         backfill={
