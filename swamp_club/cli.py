@@ -18,6 +18,7 @@ from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.app_cli import app_cli
 from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
 from swamp_club.instance import InstanceError, exclusive, write_state
+from swamp_club.operator import EXIT_USAGE, fail
 from swamp_club.queue_cli import contracts_cli, queue_cli
 from swamp_club.settings import LauncherSettings
 from swamp_club.telemetry_cli import telemetry_cli
@@ -27,14 +28,6 @@ cli.add_typer(telemetry_cli, name="telemetry")
 cli.add_typer(app_cli, name="app")
 cli.add_typer(queue_cli, name="queue")
 cli.add_typer(contracts_cli, name="contracts")
-
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
 
 
 @contextlib.contextmanager
@@ -106,7 +99,7 @@ def up() -> None:
             asyncio.run(serve_until_signalled(servers, on_force=on_force))
         # Leaving the block above stopped the embedded database: after the services drained.
     except (SettingsError, EmbeddedDbError, InstanceError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     typer.echo("stopped.")
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import typer
 
+from swamp_club.operator import operator_settings, run_on_database
 from swamp_club.service_commands import run_workers, serve, settings_or_exit
 from telemetry_service.settings import TelemetrySettings
 
@@ -39,13 +39,14 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     from telemetry_service.projection.verify import find_drift
 
     async def main() -> list[str]:
-        runtime = await open_runtime(settings_or_exit(TelemetrySettings))
+        runtime = await open_runtime(settings)
         try:
             return [str(d) for d in await find_drift(runtime.db)]
         finally:
             await runtime.client.close()
 
-    drift = asyncio.run(main())
+    settings = operator_settings(TelemetrySettings)
+    drift = run_on_database(main)
     if as_json:
         typer.echo(json.dumps({"drift": drift}))
     else:
@@ -75,7 +76,7 @@ def backfill(
         raise typer.Exit(2)
 
     async def main() -> str:
-        runtime = await open_runtime(settings_or_exit(TelemetrySettings))
+        runtime = await open_runtime(settings)
         job = Backfill(runtime)
         try:
             if status:
@@ -95,4 +96,5 @@ def backfill(
         finally:
             await runtime.client.close()
 
-    typer.echo(asyncio.run(main()))
+    settings = operator_settings(TelemetrySettings)
+    typer.echo(run_on_database(main))
