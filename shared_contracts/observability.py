@@ -21,6 +21,9 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.routing import Match
+
+from shared_contracts.service_metrics import MetricsScope, service_registry
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 REQUEST_ID_HEADER = "x-request-id"
@@ -66,8 +69,24 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-def install_observability(app: FastAPI, *, service: str) -> None:
-    """Request ids on every request and log line, HTTP metrics, and GET /metrics."""
+def route_template(request: Request) -> str:
+    """The matched route's template (``/v1/users/{username}``), never the raw path. FastAPI's
+    own routes put themselves in the scope; Starlette's (``/docs``, ``/openapi.json``) do not,
+    so those are matched here the way the router matched them."""
+    route = request.scope.get("route")
+    if route is None:
+        route = next(
+            (r for r in request.app.router.routes if r.matches(request.scope)[0] is Match.FULL),
+            None,
+        )
+    return str(getattr(route, "path", "(unmatched)"))
+
+
+def install_observability(app: FastAPI, *, metrics: MetricsScope) -> None:
+    """Request ids on every request and log line, HTTP metrics, and the service's own metrics
+    registry for GET /metrics (``app.state.metrics_registry``)."""
+    service = metrics.service
+    app.state.metrics_registry = service_registry(metrics)
 
     @app.middleware("http")
     async def request_context(
@@ -84,17 +103,21 @@ def install_observability(app: FastAPI, *, service: str) -> None:
             response.headers[REQUEST_ID_HEADER] = request_id
             return response
         finally:
-            route = getattr(request.scope.get("route"), "path", "(unmatched)")
+            route = route_template(request)
             HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
             HTTP_SECONDS.labels(service, route).observe(time.perf_counter() - started)
             REQUEST_ID.reset(token)
 
 
-async def metrics_response(update: Callable[[], Awaitable[None]] | None = None) -> Response:
-    """Prometheus exposition; ``update`` refreshes gauges that are read from the database."""
+async def metrics_response(
+    request: Request, update: Callable[[], Awaitable[None]] | None = None
+) -> Response:
+    """Prometheus exposition of this app's registry; ``update`` refreshes gauges that are read
+    from the database."""
     if update is not None:
         await update()
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    registry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class Workers(Protocol):

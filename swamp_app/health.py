@@ -35,8 +35,8 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     """Prometheus metrics: requests, ingest and queue counters, queue depth and age, lags."""
     return await metrics_response(
-        lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
+        request, lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
     )

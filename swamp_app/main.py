@@ -7,9 +7,11 @@ from fastapi import FastAPI
 
 from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, WORKERS_STOP_SECONDS, within
 from shared_contracts.mongo import make_client
+from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.observability import install_observability
 from shared_contracts.outages import install_outage_handling
 from shared_contracts.queue.indexes import ensure_queue_indexes
+from shared_contracts.service_metrics import MetricsScope
 from shared_contracts.settings import load_settings
 from swamp_app import admin, health
 from swamp_app.api_keys.router import router as api_keys_router
@@ -59,7 +61,15 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
     app = FastAPI(title="swamp-club app", lifespan=lifespan)
     install_error_handlers(app)
     install_outage_handling(app, request_db_timeout_seconds=settings.request_db_timeout_seconds)
-    install_observability(app, service="app")
+    install_observability(
+        app,
+        metrics=MetricsScope(
+            service="app",
+            prefixes=("swamp_score_", "swamp_refresh_"),
+            publishes_to=TELEMETRY_COMMANDS,
+            consumes=SWAMP_CLUB_EVENTS,
+        ),
+    )
     app.include_router(health.router)
     app.include_router(users_router)
     app.include_router(api_keys_router)

@@ -7,9 +7,11 @@ from fastapi import FastAPI
 
 from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, WORKERS_STOP_SECONDS, within
 from shared_contracts.mongo import make_client
+from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.observability import install_observability
 from shared_contracts.outages import install_outage_handling
 from shared_contracts.queue.indexes import ensure_queue_indexes
+from shared_contracts.service_metrics import MetricsScope
 from shared_contracts.settings import load_settings
 from telemetry_service import admin, health
 from telemetry_service.collections import ensure_indexes
@@ -60,7 +62,15 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
     app = FastAPI(title="swamp-club telemetry", lifespan=lifespan)
     install_error_handlers(app)
     install_outage_handling(app, request_db_timeout_seconds=settings.request_db_timeout_seconds)
-    install_observability(app, service="telemetry")
+    install_observability(
+        app,
+        metrics=MetricsScope(
+            service="telemetry",
+            prefixes=("swamp_ingest_", "swamp_projection_", "swamp_backfill_"),
+            publishes_to=SWAMP_CLUB_EVENTS,
+            consumes=TELEMETRY_COMMANDS,
+        ),
+    )
     app.include_router(health.router)
     app.include_router(ingest_router)
     app.include_router(stats_router)
