@@ -8,7 +8,6 @@ Keys and Authorization headers are never logged: nothing here logs headers at al
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import sys
@@ -23,10 +22,13 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.routing import Match
 
+from shared_contracts.request_context import REQUEST_ID
 from shared_contracts.service_metrics import MetricsScope, service_registry
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+__all__ = ["REQUEST_ID", "configure_logging", "install_observability", "metrics_response"]
+
 REQUEST_ID_HEADER = "x-request-id"
+ACCESS_LOG = logging.getLogger("swamp.access")
 
 HTTP_REQUESTS = Counter(
     "swamp_http_requests_total", "HTTP requests", ["service", "method", "route", "status"]
@@ -49,6 +51,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -104,8 +109,28 @@ def install_observability(app: FastAPI, *, metrics: MetricsScope) -> None:
             return response
         finally:
             route = route_template(request)
+            seconds = time.perf_counter() - started
             HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
-            HTTP_SECONDS.labels(service, route).observe(time.perf_counter() - started)
+            HTTP_SECONDS.labels(service, route).observe(seconds)
+            # The one access line per request (uvicorn's own is off): no query string, no
+            # headers, so neither keys nor tokens can reach the log.
+            ACCESS_LOG.info(
+                "%s %s %d %.1fms",
+                request.method,
+                request.url.path,
+                status,
+                seconds * 1000,
+                extra={
+                    "fields": {
+                        "service": service,
+                        "method": request.method,
+                        "path": request.url.path,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 1),
+                    }
+                },
+            )
             REQUEST_ID.reset(token)
 
 
