@@ -9,11 +9,12 @@ from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, WORKERS_STOP_SECOND
 from shared_contracts.mongo import make_client
 from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.observability import install_observability
+from shared_contracts.openapi import operation_id
 from shared_contracts.outages import install_outage_handling
 from shared_contracts.queue.indexes import ensure_queue_indexes
 from shared_contracts.service_metrics import MetricsScope
 from shared_contracts.settings import load_settings
-from telemetry_service import admin, health
+from telemetry_service import admin, health, openapi
 from telemetry_service.collections import ensure_indexes
 from telemetry_service.errors import install_error_handlers
 from telemetry_service.ingest.router import router as ingest_router
@@ -59,7 +60,9 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
                 runtime.client.close(), seconds=CLIENT_CLOSE_SECONDS, what="closing the client"
             )
 
-    app = FastAPI(title="swamp-club telemetry", lifespan=lifespan)
+    app = FastAPI(
+        title="swamp-club telemetry", lifespan=lifespan, generate_unique_id_function=operation_id
+    )
     install_error_handlers(app)
     install_outage_handling(app, request_db_timeout_seconds=settings.request_db_timeout_seconds)
     install_observability(
@@ -76,4 +79,5 @@ def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
     app.include_router(stats_router)
     app.include_router(admin.router)
     app.include_router(admin.queue_router)
+    openapi.install(app, max_events=settings.max_events_per_request)
     return app
