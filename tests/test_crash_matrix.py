@@ -79,6 +79,9 @@ class Up:
             "INGEST_LEASE_SECONDS": "2",
             "QUEUE_LEASE_SECONDS": "2",
             "BACKFILL_LEASE_SECONDS": "2",
+            # The rename after a crash must outwait the crashed transaction (held until the
+            # server reaps it, up to 60 s); the default budget would answer 503 after 10 s.
+            "REQUEST_DB_TIMEOUT_SECONDS": "90",
         }
         if failpoint:
             self.env["SWAMP_FAILPOINTS"] = f"{failpoint}=kill"
