@@ -11,12 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from typing import Any
+
+import pymongo
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 
 log = logging.getLogger(__name__)
 
-#: Workers get their grace period (10 s) plus time to release claims.
-WORKERS_STOP_SECONDS = 20.0
+#: Longer than the 60 s a transaction left open by a crashed process can hold documents: a batch
+#: waiting on one must be let finish, or abandoning it would leave an open transaction of ours
+#: blocking the next start-up's writes for another minute. A dead database fails much faster.
+WORKERS_STOP_SECONDS = 75.0
+#: With the database unreachable nothing in flight can commit: waiting for it is pointless.
+UNREACHABLE_STOP_SECONDS = 5.0
 CLIENT_CLOSE_SECONDS = 5.0
+
+
+async def workers_stop_seconds(client: AsyncMongoClient[dict[str, Any]]) -> float:
+    """How long the workers may take to stop: long if the database answers (in-flight batches
+    finish), short if it does not (each of their operations would wait on server selection)."""
+    try:
+        with pymongo.timeout(1.0):
+            await client.admin.command("ping")
+    except PyMongoError:
+        return UNREACHABLE_STOP_SECONDS
+    return WORKERS_STOP_SECONDS
 
 
 def where(task: asyncio.Task[object]) -> str:
@@ -28,20 +48,24 @@ def where(task: asyncio.Task[object]) -> str:
 
 
 async def within(step: Awaitable[None], *, seconds: float, what: str) -> None:
-    """Await ``step`` for at most ``seconds``; log and go on if it overruns."""
-    try:
-        async with asyncio.timeout(seconds):
-            await step
-    except TimeoutError:
-        # Name what was still running, with where it waits: the next hang is then one log away.
-        stuck = [
-            f"{task.get_name()} at {where(task)}"
-            for task in asyncio.all_tasks()
-            if task is not asyncio.current_task()
-        ]
-        log.error(
-            "%s did not finish within %gs; going on without it (still running: %s)",
-            what,
-            seconds,
-            "; ".join(stuck) or "nothing",
-        )
+    """Await ``step`` for at most ``seconds``; log and go on if it overruns. The overrun step is
+    cancelled but not awaited: a driver call stuck in server selection can take as long to
+    cancel as to finish, and it must not hold the shutdown."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        task.result()
+        return
+    # Name what was still running, with where it waits: the next hang is then one log away.
+    stuck = [
+        f"{other.get_name()} at {where(other)}"
+        for other in asyncio.all_tasks()
+        if other is not asyncio.current_task()
+    ]
+    task.cancel()
+    log.error(
+        "%s did not finish within %gs; going on without it (still running: %s)",
+        what,
+        seconds,
+        "; ".join(stuck) or "nothing",
+    )

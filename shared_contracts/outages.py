@@ -54,7 +54,7 @@ class RequestDbBudget:
         self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.seconds:
             await self.app(scope, receive, send)
             return
         with pymongo.timeout(self.seconds):

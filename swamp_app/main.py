@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, WORKERS_STOP_SECONDS, within
+from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, within, workers_stop_seconds
 from shared_contracts.mongo import make_client
 from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.observability import install_observability
@@ -54,7 +54,8 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
             yield
         finally:
             if workers:
-                await within(workers.stop(), seconds=WORKERS_STOP_SECONDS, what="stopping workers")
+                seconds = await workers_stop_seconds(runtime.client)
+                await within(workers.stop(), seconds=seconds, what="stopping workers")
             await within(
                 runtime.client.close(), seconds=CLIENT_CLOSE_SECONDS, what="closing the client"
             )

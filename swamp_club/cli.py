@@ -4,7 +4,6 @@ or configuration (a taken port or data directory included), 3 the database is un
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -74,7 +73,11 @@ def up() -> None:
     workers. Ctrl-C stops everything."""
     from swamp_app.main import create_app as create_main_app
     from swamp_app.settings import AppSettings
-    from swamp_club.servers import make_server, serve_until_signalled
+    from swamp_club.servers import (
+        make_server,
+        run_abandoning_leftovers,
+        serve_until_signalled,
+    )
     from telemetry_service.main import create_app as create_telemetry_app
     from telemetry_service.settings import TelemetrySettings
 
@@ -96,7 +99,7 @@ def up() -> None:
             typer.echo(f"main app:          http://{main_app.host}:{main_app.port}  (/docs)")
             typer.echo(f"try it:  {sample_curl(telemetry.host, telemetry.port)}")
             typer.echo("Ctrl-C stops everything.")
-            asyncio.run(serve_until_signalled(servers, on_force=on_force))
+            run_abandoning_leftovers(serve_until_signalled(servers, on_force=on_force))
         # Leaving the block above stopped the embedded database: after the services drained.
     except (SettingsError, EmbeddedDbError, InstanceError) as exc:
         raise fail(str(exc), EXIT_USAGE) from None

@@ -8,6 +8,7 @@ SWAMP_DATA_DIR (its state file, see swamp_club.instance), not a guessed localhos
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -35,7 +36,12 @@ def operator_settings(cls: type[S]) -> S:
     """``cls`` from the environment, its MONGODB_URI found as described above."""
     try:
         launcher = load_settings(LauncherSettings)
-        overrides = {}
+        # An operator waits 3 s for the database, not the services' 30 s.
+        overrides = {
+            "MONGODB_SERVER_SELECTION_TIMEOUT_MS": os.environ.get(
+                "MONGODB_SERVER_SELECTION_TIMEOUT_MS", "3000"
+            )
+        }
         if launcher.mongodb_uri is None:
             overrides["MONGODB_URI"] = running_uri(launcher.data_dir.resolve())
         return load_settings(cls, **overrides)

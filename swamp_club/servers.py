@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 #: In-flight HTTP requests get this long after Ctrl-C before their connections are closed.
 HTTP_DRAIN_SECONDS = 10
 #: A shutdown that takes longer than this is forced (each step has its own, shorter, deadline).
-SHUTDOWN_DEADLINE_SECONDS = 45.0
+SHUTDOWN_DEADLINE_SECONDS = 100.0
 #: The exit code of a forced exit (a second Ctrl-C, or the deadline), as a shell reports SIGINT.
 EXIT_FORCED = 130
 
@@ -113,3 +114,19 @@ async def serve_until_signalled(
             loop.remove_signal_handler(sig)
         if watchdog is not None:
             watchdog.cancel()
+
+
+def run_abandoning_leftovers(main: Coroutine[Any, Any, None], *, grace: float = 2.0) -> None:
+    """Like asyncio.run, except that tasks still running when ``main`` returns (a shutdown step
+    that overran its deadline) get ``grace`` seconds to take their cancellation, then are left:
+    asyncio.run would wait for them forever."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=grace))
+    finally:
+        loop.close()

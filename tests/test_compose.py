@@ -48,7 +48,7 @@ def test_service_matches_its_settings(
     assert spec["ports"] == [f"${{SWAMP_BIND_ADDRESS:-127.0.0.1}}:{default_port}:{default_port}"]
     assert spec["restart"] == "unless-stopped"
     assert spec["image"] == "swamp-club:${SWAMP_CLUB_TAG:-local}"
-    # Longer than the drain (HTTP 10 s, workers 20 s), so compose never SIGKILLs a drain.
+    # Longer than the drain's own deadline, so compose never SIGKILLs a drain.
     assert int(spec["stop_grace_period"].rstrip("s")) > SHUTDOWN_DEADLINE_SECONDS
     assert spec["depends_on"]["mongo"]["condition"] == "service_healthy"
     assert "healthcheck" in spec
