@@ -118,12 +118,12 @@ def queue_admin_router(queue_name: str) -> APIRouter:
     QueueDep = Annotated[Collection, Depends(queue)]
 
     @router.get("", response_model=QueueStats)
-    async def stats(collection: QueueDep) -> QueueStats:
+    async def admin_queue_stats(collection: QueueDep) -> QueueStats:
         """Messages per status and type, the oldest pending message's age, dead letters."""
         return QueueStats(**await queue_stats(collection, now=utcnow()))
 
     @router.get("/dead", response_model=list[DeadLetter], responses=error_responses(422))
-    async def dead(
+    async def admin_dead_letters(
         collection: QueueDep,
         type_: Annotated[str | None, Query(alias="type", max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -132,7 +132,7 @@ def queue_admin_router(queue_name: str) -> APIRouter:
         return [DeadLetter.of(d) for d in await list_dead(collection, type_=type_, limit=limit)]
 
     @router.post("/dead/retry", response_model=RetryResult, responses=error_responses(400, 422))
-    async def retry(body: RetryRequest, collection: QueueDep) -> RetryResult:
+    async def admin_retry_dead_letters(body: RetryRequest, collection: QueueDep) -> RetryResult:
         """Dead messages back to pending with a fresh attempt budget (lastError is kept)."""
         return RetryResult(retried=await retry_dead(collection, ids=body.ids, now=utcnow()))
 

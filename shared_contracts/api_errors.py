@@ -125,6 +125,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if broken := [e for e in exc.errors() if e.get("type") == "json_invalid"]:
+            # A body that is not JSON is a 400 invalid_json in both services (telemetry parses
+            # its body by hand and says so; FastAPI would call it a 422).
+            reason = broken[0].get("ctx", {}).get("error", broken[0]["msg"])
+            body = error_body("invalid_json", f"the body is not valid JSON: {reason}", [])
+            return JSONResponse(body, status_code=400)
         details = [
             {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()
         ]

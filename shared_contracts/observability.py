@@ -8,7 +8,6 @@ Keys and Authorization headers are never logged: nothing here logs headers at al
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import sys
@@ -21,9 +20,15 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.routing import Match
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from shared_contracts.request_context import REQUEST_ID
+from shared_contracts.service_metrics import MetricsScope, service_registry
+
+__all__ = ["REQUEST_ID", "configure_logging", "install_observability", "metrics_response"]
+
 REQUEST_ID_HEADER = "x-request-id"
+ACCESS_LOG = logging.getLogger("swamp.access")
 
 HTTP_REQUESTS = Counter(
     "swamp_http_requests_total", "HTTP requests", ["service", "method", "route", "status"]
@@ -46,6 +51,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -66,8 +74,24 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-def install_observability(app: FastAPI, *, service: str) -> None:
-    """Request ids on every request and log line, HTTP metrics, and GET /metrics."""
+def route_template(request: Request) -> str:
+    """The matched route's template (``/v1/users/{username}``), never the raw path. FastAPI's
+    own routes put themselves in the scope; Starlette's (``/docs``, ``/openapi.json``) do not,
+    so those are matched here the way the router matched them."""
+    route = request.scope.get("route")
+    if route is None:
+        route = next(
+            (r for r in request.app.router.routes if r.matches(request.scope)[0] is Match.FULL),
+            None,
+        )
+    return str(getattr(route, "path", "(unmatched)"))
+
+
+def install_observability(app: FastAPI, *, metrics: MetricsScope) -> None:
+    """Request ids on every request and log line, HTTP metrics, and the service's own metrics
+    registry for GET /metrics (``app.state.metrics_registry``)."""
+    service = metrics.service
+    app.state.metrics_registry = service_registry(metrics)
 
     @app.middleware("http")
     async def request_context(
@@ -84,17 +108,41 @@ def install_observability(app: FastAPI, *, service: str) -> None:
             response.headers[REQUEST_ID_HEADER] = request_id
             return response
         finally:
-            route = getattr(request.scope.get("route"), "path", "(unmatched)")
+            route = route_template(request)
+            seconds = time.perf_counter() - started
             HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
-            HTTP_SECONDS.labels(service, route).observe(time.perf_counter() - started)
+            HTTP_SECONDS.labels(service, route).observe(seconds)
+            # The one access line per request (uvicorn's own is off): no query string, no
+            # headers, so neither keys nor tokens can reach the log.
+            ACCESS_LOG.info(
+                "%s %s %d %.1fms",
+                request.method,
+                request.url.path,
+                status,
+                seconds * 1000,
+                extra={
+                    "fields": {
+                        "service": service,
+                        "method": request.method,
+                        "path": request.url.path,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 1),
+                    }
+                },
+            )
             REQUEST_ID.reset(token)
 
 
-async def metrics_response(update: Callable[[], Awaitable[None]] | None = None) -> Response:
-    """Prometheus exposition; ``update`` refreshes gauges that are read from the database."""
+async def metrics_response(
+    request: Request, update: Callable[[], Awaitable[None]] | None = None
+) -> Response:
+    """Prometheus exposition of this app's registry; ``update`` refreshes gauges that are read
+    from the database."""
     if update is not None:
         await update()
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    registry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class Workers(Protocol):

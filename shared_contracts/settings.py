@@ -25,6 +25,28 @@ class BusSettings(BaseSettings):
         pattern=r"^mongodb(\+srv)?://",
         description="MongoDB deployment holding all three databases (a replica set).",
     )
+    # How long the workers wait for a server (the driver's 30 s: shorter fails transactions
+    # midway on a busy or failing-over server, and a transaction whose abort cannot reach the
+    # server stays open there for a minute; the crash matrix caught it at 3 s). HTTP requests
+    # are bounded by REQUEST_DB_TIMEOUT_SECONDS, the operator's commands use 3 s.
+    server_selection_timeout_ms: int = Field(
+        default=30_000, alias="MONGODB_SERVER_SELECTION_TIMEOUT_MS", ge=100, le=120_000
+    )
+    # The driver's 20 s: it is also the timeout of the monitor's heartbeat, and a heartbeat that
+    # times out on a busy server resets the pool under in-flight transactions, leaving them open
+    # on the server (the crash matrix caught it at 3 s). A refused connection fails at once.
+    connect_timeout_ms: int = Field(
+        default=20_000, alias="MONGODB_CONNECT_TIMEOUT_MS", ge=100, le=120_000
+    )
+    # 0: none (the driver's default). A socket timeout in the middle of a transaction drops the
+    # connection and leaves the transaction open on the server, holding its documents for up
+    # to a minute (the crash matrix caught it); requests are bounded by their budget instead.
+    socket_timeout_ms: int = Field(default=0, alias="MONGODB_SOCKET_TIMEOUT_MS", ge=0, le=600_000)
+    #: Every database operation of one HTTP request, retries included, within this budget
+    #: (0: no budget, only the driver's timeouts; with_transaction then retries up to 120 s).
+    request_db_timeout_seconds: float = Field(
+        default=10.0, alias="REQUEST_DB_TIMEOUT_SECONDS", ge=0, le=600
+    )
     bus_db: str = Field(default="swamp_bus", alias="BUS_DB", min_length=1, max_length=38)
     queue_lease_seconds: float = Field(default=30.0, alias="QUEUE_LEASE_SECONDS", gt=0)
     queue_max_attempts: int = Field(default=8, alias="QUEUE_MAX_ATTEMPTS", ge=1)
@@ -52,6 +74,14 @@ class BusSettings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         refuse_placeholder_secret(text)
         return value
+
+    def client_options(self) -> dict[str, Any]:
+        """The driver's timeouts, for make_client."""
+        return {
+            "serverSelectionTimeoutMS": self.server_selection_timeout_ms,
+            "connectTimeoutMS": self.connect_timeout_ms,
+            "socketTimeoutMS": self.socket_timeout_ms or None,
+        }
 
     def queue_config(self, **overrides: Any) -> QueueConfig:
         """The queue engine's knobs, taken from these settings."""

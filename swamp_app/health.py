@@ -2,12 +2,14 @@
 
 from typing import Any
 
+import pymongo
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
 from shared_contracts.api_errors import error_responses
 from shared_contracts.observability import metrics_response, readiness
+from shared_contracts.outages import READY_DB_TIMEOUT_SECONDS, unavailable
 from shared_contracts.queue.metrics import update_queue_gauges
 from swamp_app.deps import RuntimeDep
 
@@ -25,15 +27,16 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
     """Ready for traffic: the database answers (indexes were ensured at start-up) and the
     score-refresh consumer runs (when this process runs it)."""
     try:
-        await runtime.client.admin.command("ping")
-    except PyMongoError as exc:
-        return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
+        with pymongo.timeout(READY_DB_TIMEOUT_SECONDS):
+            await runtime.client.admin.command("ping")
+    except PyMongoError:
+        return unavailable()
     return readiness(request.app.state.workers)
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     """Prometheus metrics: requests, ingest and queue counters, queue depth and age, lags."""
     return await metrics_response(
-        lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
+        request, lambda: update_queue_gauges(runtime.client[runtime.settings.bus_db])
     )

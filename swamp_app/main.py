@@ -5,9 +5,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from shared_contracts.lifecycle import CLIENT_CLOSE_SECONDS, within, workers_stop_seconds
 from shared_contracts.mongo import make_client
+from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.observability import install_observability
+from shared_contracts.openapi import install_openapi, operation_id
+from shared_contracts.outages import install_outage_handling
 from shared_contracts.queue.indexes import ensure_queue_indexes
+from shared_contracts.service_metrics import MetricsScope
 from shared_contracts.settings import load_settings
 from swamp_app import admin, health
 from swamp_app.api_keys.router import router as api_keys_router
@@ -23,7 +28,7 @@ from swamp_app.workers import AppWorkers
 
 
 async def open_runtime(settings: AppSettings) -> AppRuntime:
-    client = make_client(settings.mongodb_uri, app_name="swamp_app")
+    client = make_client(settings.mongodb_uri, app_name="swamp_app", **settings.client_options())
     runtime = AppRuntime(settings=settings, client=client)
     try:
         await ensure_indexes(runtime.db)
@@ -52,17 +57,32 @@ def create_app(settings: AppSettings | None = None) -> FastAPI:
             yield
         finally:
             if workers:
-                await workers.stop()
-            await runtime.client.close()
+                seconds = await workers_stop_seconds(runtime.client)
+                await within(workers.stop(), seconds=seconds, what="stopping workers")
+            await within(
+                runtime.client.close(), seconds=CLIENT_CLOSE_SECONDS, what="closing the client"
+            )
 
-    app = FastAPI(title="swamp-club app", lifespan=lifespan)
+    app = FastAPI(
+        title="swamp-club app", lifespan=lifespan, generate_unique_id_function=operation_id
+    )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # inside request ids
-    install_observability(app, service="app")
+    install_outage_handling(app, request_db_timeout_seconds=settings.request_db_timeout_seconds)
+    install_observability(
+        app,
+        metrics=MetricsScope(
+            service="app",
+            prefixes=("swamp_score_", "swamp_refresh_"),
+            publishes_to=TELEMETRY_COMMANDS,
+            consumes=SWAMP_CLUB_EVENTS,
+        ),
+    )
     app.include_router(health.router)
     app.include_router(users_router)
     app.include_router(api_keys_router)
     app.include_router(scores_router)
     app.include_router(admin.router)
     app.include_router(admin.queue_router)
+    install_openapi(app)
     return app

@@ -45,6 +45,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def refuse_taken_port(host: str, port: int) -> None:
+    """A port someone already listens on would make us talk to their server, not ours."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port left in TIME_WAIT by our own last run is free; a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise EmbeddedDbError(
+                f"port {host}:{port} is taken (another swamp-club up or database?);"
+                " stop it or set EMBEDDED_DB_PORT to a free port"
+            ) from None
+
+
 def find_executable() -> str:
     # Prefer the one next to this interpreter (the project's venv), then PATH.
     beside = Path(sys.executable).parent / EXECUTABLE
@@ -76,9 +90,9 @@ class TransactionReaper:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
         client: MongoClient[dict[str, object]] = MongoClient(
@@ -118,9 +132,14 @@ class EmbeddedDb:
     def uri(self) -> str:
         return f"mongodb://{self.host}:{self.port}/"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def start(self) -> str:
         if self.storage_path != MEMORY:
             Path(self.storage_path).mkdir(parents=True, exist_ok=True)
+        refuse_taken_port(self.host, self.port)
         command = [find_executable(), "--host", self.host, "--port", str(self.port)]
         command += ["--storage-path", self.storage_path, "--log-level", "WARNING"]
         with contextlib.ExitStack() as stack:
@@ -131,6 +150,10 @@ class EmbeddedDb:
                 stdout=log or subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
+                # Its own session and process group: a terminal's Ctrl-C reaches the whole
+                # foreground group, and the database must outlive the services' drain; the
+                # launcher stops it last (and the kernel still stops it if we die, above).
+                start_new_session=True,
             )
         self._wait_until_ready()
         self._reaper = TransactionReaper(self.uri)
@@ -151,10 +174,18 @@ class EmbeddedDb:
                         f"{EXECUTABLE} exited with code {code} on {self.uri}{hint}"
                     )
                 try:
-                    client.admin.command("hello")
-                    return
+                    status = client.admin.command("serverStatus")
                 except PyMongoError:
                     time.sleep(0.1)
+                    continue
+                if status.get("pid") != self._process.pid:
+                    # Someone else's server took the port between our check and our bind.
+                    self.stop()
+                    raise EmbeddedDbError(
+                        f"{self.uri} is answered by another server (pid {status.get('pid')}),"
+                        " not the one we started; set EMBEDDED_DB_PORT to a free port"
+                    )
+                return
         finally:
             client.close()
         self.stop()
@@ -163,7 +194,7 @@ class EmbeddedDb:
     def stop(self, timeout: float = 15.0) -> None:
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
-            reaper.stop()
+            reaper.stop(timeout=timeout)
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return

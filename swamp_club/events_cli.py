@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -11,7 +10,7 @@ import typer
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared_contracts.mongo import make_client
-from shared_contracts.settings import SettingsError, load_settings
+from swamp_club.operator import operator_settings, run_on_database
 from telemetry_service.settings import TelemetrySettings
 
 events_cli = typer.Typer(
@@ -23,22 +22,19 @@ AllOption = typer.Option(False, "--all", help="Every set-aside event.")
 
 
 def on_telemetry(action: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[T]]) -> T:
-    try:
-        settings = load_settings(TelemetrySettings)
-    except SettingsError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+    """Run ``action`` on telemetry's database, found as every operator command finds it."""
+    settings = operator_settings(TelemetrySettings)
 
     async def main() -> T:
         client = make_client(
-            settings.mongodb_uri, app_name="swamp-club-cli", serverSelectionTimeoutMS=5000
+            settings.mongodb_uri, app_name="swamp-club-cli", **settings.client_options()
         )
         try:
             return await action(client[settings.telemetry_db])
         finally:
             await client.close()
 
-    return asyncio.run(main())
+    return run_on_database(main)
 
 
 def chosen_ids(ids: list[str] | None, every: bool) -> list[str] | None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import typer
+from bson import ObjectId
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared_contracts.messages import json_schemas
@@ -15,7 +15,8 @@ from shared_contracts.mongo import make_client
 from shared_contracts.names import QUEUE_COLLECTIONS
 from shared_contracts.queue.admin import list_dead, purge_done, queue_stats, retry_dead
 from shared_contracts.queue.engine import utcnow
-from shared_contracts.settings import BusSettings, SettingsError, load_settings
+from shared_contracts.settings import BusSettings
+from swamp_club.operator import EXIT_USAGE, fail, operator_settings, run_on_database
 
 queue_cli = typer.Typer(help="Inspect and repair the two work queues.", no_args_is_help=True)
 contracts_cli = typer.Typer(help="The message contract between the services.", no_args_is_help=True)
@@ -26,22 +27,18 @@ JsonOption = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def run_on_bus(action: Callable[[AsyncDatabase[dict[str, Any]]], Awaitable[T]]) -> T:
-    try:
-        settings = load_settings(BusSettings)
-    except SettingsError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+    settings = operator_settings(BusSettings)
 
     async def main() -> T:
         client = make_client(
-            settings.mongodb_uri, app_name="swamp-club-cli", serverSelectionTimeoutMS=5000
+            settings.mongodb_uri, app_name="swamp-club-cli", **settings.client_options()
         )
         try:
             return await action(client[settings.bus_db])
         finally:
             await client.close()
 
-    return asyncio.run(main())
+    return run_on_database(main)
 
 
 def chosen(queue: str | None) -> tuple[str, ...]:
@@ -123,8 +120,10 @@ def retry(
 ) -> None:
     """Return dead messages to pending with a fresh attempt budget."""
     if bool(ids) == all_dead:
-        typer.secho("error: give message ids or --all-dead (not both)", err=True)
-        raise typer.Exit(2)
+        raise fail("give message ids or --all-dead (not both)", EXIT_USAGE)
+    if malformed := [i for i in ids or [] if not ObjectId.is_valid(i)]:
+        # Such an id can match nothing: "0 message(s)" and exit 0 would hide a typo.
+        raise fail(f"not a message id: {malformed[0]!r} (24 hex digits)", EXIT_USAGE)
     names = chosen(queue)
 
     async def apply(bus: AsyncDatabase[dict[str, Any]]) -> int:

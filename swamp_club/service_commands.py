@@ -44,9 +44,10 @@ async def until_signalled() -> None:
 
 
 def serve(app: FastAPI, *, host: str, port: int) -> None:
-    from swamp_club.servers import make_server, serve_until_signalled
+    from swamp_club.servers import make_server, run_abandoning_leftovers, serve_until_signalled
 
-    asyncio.run(serve_until_signalled([make_server(app, host=host, port=port, log_level="info")]))
+    server = make_server(app, host=host, port=port, log_level="info")
+    run_abandoning_leftovers(serve_until_signalled([server]))
 
 
 def run_workers(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import typer
 
+from swamp_club.operator import operator_settings, run_on_database
 from swamp_club.service_commands import run_workers, serve, settings_or_exit
 from telemetry_service.settings import TelemetrySettings
 
@@ -41,13 +41,14 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     from telemetry_service.projection.verify import verify as run_verify
 
     async def main() -> VerifyReport:
-        runtime = await open_runtime(settings_or_exit(TelemetrySettings))
+        runtime = await open_runtime(settings)
         try:
             return await run_verify(runtime.db, runtime.bus)
         finally:
             await runtime.client.close()
 
-    report = asyncio.run(main())
+    settings = operator_settings(TelemetrySettings)
+    report = run_on_database(main)
     if as_json:
         typer.echo(json.dumps(report.as_dict()))
     else:
@@ -80,7 +81,7 @@ def backfill(
         raise typer.Exit(2)
 
     async def main() -> str:
-        runtime = await open_runtime(settings_or_exit(TelemetrySettings))
+        runtime = await open_runtime(settings)
         job = Backfill(runtime)
         try:
             if status:
@@ -98,4 +99,5 @@ def backfill(
         finally:
             await runtime.client.close()
 
-    typer.echo(asyncio.run(main()))
+    settings = operator_settings(TelemetrySettings)
+    typer.echo(run_on_database(main))

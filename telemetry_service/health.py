@@ -2,12 +2,14 @@
 
 from typing import Any
 
+import pymongo
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pymongo.errors import PyMongoError
 
 from shared_contracts.api_errors import error_responses
 from shared_contracts.observability import metrics_response, readiness
+from shared_contracts.outages import READY_DB_TIMEOUT_SECONDS, unavailable
 from shared_contracts.queue.metrics import update_queue_gauges
 from telemetry_service import counters
 from telemetry_service.backfill import Backfill
@@ -28,10 +30,11 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
     """Ready for traffic: the database answers (indexes were ensured at start-up), the workers
     run (when this process runs them); the backfill's state is reported, not required."""
     try:
-        await runtime.client.admin.command("ping")
-        backfill = await Backfill(runtime).status()
-    except PyMongoError as exc:
-        return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
+        with pymongo.timeout(READY_DB_TIMEOUT_SECONDS):
+            await runtime.client.admin.command("ping")
+            backfill = await Backfill(runtime).status()
+    except PyMongoError:
+        return unavailable()
     return readiness(
         request.app.state.workers,
         backfill={
@@ -43,11 +46,11 @@ async def readyz(request: Request, runtime: RuntimeDep) -> dict[str, Any] | JSON
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     """Prometheus metrics: requests, ingest and queue counters, queue depth and age, lags."""
 
     async def update() -> None:
         await update_queue_gauges(runtime.client[runtime.settings.bus_db])
         counters.EVENTS_SET_ASIDE.set(await count_set_aside(runtime.db))
 
-    return await metrics_response(update)
+    return await metrics_response(request, update)

@@ -27,10 +27,21 @@ class LoggedProcess(subprocess.Popen[str]):
     Never a pipe: a pipe nobody reads fills at 64 KiB and then blocks the child in the middle of
     its work, possibly inside a transaction (it froze the crash matrix once)."""
 
-    def __init__(self, command: list[str], *, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, command: list[str], *, env: dict[str, str], log: Path, new_session: bool = False
+    ) -> None:
+        """``new_session``: its own process group, so a test can signal the whole group the way
+        a terminal's Ctrl-C does without signalling pytest."""
         self.log = log
         with log.open("a") as output:
-            super().__init__(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+            super().__init__(
+                command,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=new_session,
+            )
 
     def output(self, tail: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-tail:]

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def start_up(data_dir: Path, ports: dict[str, int]) -> LoggedProcess:
+def start_up(
+    data_dir: Path, ports: dict[str, int], *, new_session: bool = False, log: str = "up.log"
+) -> LoggedProcess:
     env = {
         **os.environ,
         "SWAMP_DATA_DIR": str(data_dir),
@@ -29,7 +31,9 @@ def start_up(data_dir: Path, ports: dict[str, int]) -> LoggedProcess:
     }
     env.pop("MONGODB_URI", None)
     executable = Path(sys.executable).parent / "swamp-club"
-    return LoggedProcess([str(executable), "up"], env=env, log=data_dir / "up.log")
+    return LoggedProcess(
+        [str(executable), "up"], env=env, log=data_dir / log, new_session=new_session
+    )
 
 
 def wait_ready(url: str, process: LoggedProcess, timeout: float = 60) -> None:

@@ -14,6 +14,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from swamp_app.settings import AppSettings
+from swamp_club.servers import SHUTDOWN_DEADLINE_SECONDS
 from telemetry_service.settings import TelemetrySettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,12 @@ def test_service_matches_its_settings(
         next(n for n, f in settings.model_fields.items() if f.alias == port_variable)
     ].default
     assert env[port_variable] == str(default_port)
-    assert spec["ports"] == [f"{default_port}:{default_port}"]
+    # Loopback unless the operator says otherwise.
+    assert spec["ports"] == [f"${{SWAMP_BIND_ADDRESS:-127.0.0.1}}:{default_port}:{default_port}"]
+    assert spec["restart"] == "unless-stopped"
+    assert spec["image"] == "swamp-club:${SWAMP_CLUB_TAG:-local}"
+    # Longer than the drain's own deadline, so compose never SIGKILLs a drain.
+    assert int(spec["stop_grace_period"].rstrip("s")) > SHUTDOWN_DEADLINE_SECONDS
     assert spec["depends_on"]["mongo"]["condition"] == "service_healthy"
     assert "healthcheck" in spec
     assert "replicaSet=rs0" in env["MONGODB_URI"]
@@ -53,7 +59,21 @@ def test_mongo_is_a_replica_set_with_a_healthcheck() -> None:
     spec = compose()["services"]["mongo"]
     assert spec["image"].startswith("mongo:8")
     assert "--replSet" in (ROOT / "deploy" / "mongo-keyfile.sh").read_text()
-    assert "rs.initiate" in " ".join(spec["healthcheck"]["test"])
+    check = spec["healthcheck"]["test"]
+    assert "/deploy/mongo-healthcheck.js" in check
+    assert "rs.initiate" in (ROOT / "deploy" / "mongo-healthcheck.js").read_text()
+    # No secret on a command line: `ps` and `docker inspect` would show it.
+    assert not any("PASSWORD" in part for part in check)
+    assert spec["restart"] == "unless-stopped"
+
+
+def test_one_image_built_once_and_a_lean_build_context() -> None:
+    services = compose()["services"]
+    assert [name for name, spec in services.items() if "build" in spec] == ["telemetry"]
+    assert services["app"]["image"] == services["telemetry"]["image"]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv/", ".env", ".git/", ".swamp-data/"} <= set(ignored)
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_each_service_user_reaches_only_its_database_and_the_bus() -> None:
@@ -69,8 +89,13 @@ def test_each_service_user_reaches_only_its_database_and_the_bus() -> None:
         "env.TELEMETRY_DB_USER": [
             ("readWrite", 'env.TELEMETRY_DB || "telemetry"'),
             ("readWrite", "bus"),
+            ("dbAdmin", "bus"),
         ],
-        "env.APP_DB_USER": [("readWrite", 'env.APP_DB || "swamp_club"'), ("readWrite", "bus")],
+        "env.APP_DB_USER": [
+            ("readWrite", 'env.APP_DB || "swamp_club"'),
+            ("readWrite", "bus"),
+            ("dbAdmin", "bus"),
+        ],
     }
 
 

@@ -79,6 +79,12 @@ class Up:
             "INGEST_LEASE_SECONDS": "2",
             "QUEUE_LEASE_SECONDS": "2",
             "BACKFILL_LEASE_SECONDS": "2",
+            # Requests after a crash must outwait the crashed transaction (held until the server
+            # reaps it, up to 60 s): no per-request budget here. With one, the rename is a 503
+            # after 10 s, and on the embedded server a re-sent ingest carrying maxTimeMS waited
+            # on the orphan past the client's 30 s (not reduced yet; the outage behaviour has its
+            # own test, tests/test_outages.py).
+            "REQUEST_DB_TIMEOUT_SECONDS": "0",
         }
         if failpoint:
             self.env["SWAMP_FAILPOINTS"] = f"{failpoint}=kill"

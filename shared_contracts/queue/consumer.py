@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 from shared_contracts.messages import Message
 from shared_contracts.queue.documents import PENDING, InvalidMessage, parse_message
 from shared_contracts.queue.engine import Claim, Queue
+from shared_contracts.request_context import NO_REQUEST, REQUEST_ID
 from shared_contracts.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,14 @@ class Consumer:
             return None
 
     async def _handle(self, claim: Claim) -> None:
+        # Its logs carry the id of the HTTP request that published it.
+        token = REQUEST_ID.set(str(claim.document.get("requestId") or NO_REQUEST))
+        try:
+            await self._handle_claim(claim)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _handle_claim(self, claim: Claim) -> None:
         try:
             message = parse_message(claim.document, self.queue.types)
         except InvalidMessage as exc:

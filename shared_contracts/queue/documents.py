@@ -15,6 +15,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from shared_contracts.messages import Message
+from shared_contracts.request_context import current_request_id
 
 PENDING: Final = "pending"
 ACTIVE: Final = "active"
@@ -44,6 +45,8 @@ QUEUE_FIELDS: Final = frozenset(
         "orderingKey",
         "orderSeq",
         "supersededAt",
+        # The HTTP request that published it (optional): for logs, never part of the payload.
+        "requestId",
     }
 )
 
@@ -68,6 +71,8 @@ def new_document(
         updatedAt=now,
         lastError=None,
     )
+    if (request_id := current_request_id()) is not None:
+        document["requestId"] = request_id
     if (dedupe_key := message.dedupe_key()) is not None:
         document["dedupeKey"] = dedupe_key
     if (ordering_key := message.ordering_key()) is not None:

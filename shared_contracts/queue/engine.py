@@ -210,6 +210,8 @@ class Queue:
 
     def _coalescing_upsert(self, document: Document) -> tuple[Document, Document]:
         replaceable = {**payload_of(document), "updatedAt": document["updatedAt"]}
+        if "requestId" in document:  # the latest publisher's request, like the payload
+            replaceable["requestId"] = document["requestId"]
         first_time = {k: v for k, v in document.items() if k not in replaceable and k != "status"}
         first_time.pop("dedupeKey")
         return (
