@@ -44,6 +44,7 @@ def main() -> None:
     results: list[Results] = []
 
     def scenario(result: Results) -> None:
+        result.finish()
         print(result.markdown(), flush=True)
         results.append(result)
 

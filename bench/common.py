@@ -209,13 +209,20 @@ class Results:
     title: str
     rows: list[tuple[str, str]] = field(default_factory=list)
     load_before: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    load_after: tuple[float, float, float] | None = None
 
     def add(self, metric: str, value: float | str, unit: str = "") -> None:
         text = value if isinstance(value, str) else f"{value:,.3f}".rstrip("0").rstrip(".")
         self.rows.append((metric, f"{text} {unit}".strip()))
 
+    def finish(self) -> Results:
+        """The scenario is over: its load average after is taken now, not when written."""
+        self.load_after = os.getloadavg()
+        return self
+
     def markdown(self) -> str:
-        load = f"load average (1/5/15 min) before {_load(self.load_before)}, after {_load()}"
+        after = _load(self.load_after)
+        load = f"load average (1/5/15 min) before {_load(self.load_before)}, after {after}"
         lines = [f"### {self.title}", "", f"Machine {load}.", "", "| metric | value |", "|---|---|"]
         lines += [f"| {metric} | {value} |" for metric, value in self.rows]
         return "\n".join(lines) + "\n"
@@ -251,7 +258,9 @@ async def server_version(uri: str) -> str:
 
 
 def environment(server: str, storages: list[Storage], argv: list[str]) -> str:
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", ".") else ""
+    # Uncommitted changes to code (the docs may be edited while the bench runs).
+    changed = _git("status", "--porcelain", "--", ".", ":!*.md")
+    dirty = " (with uncommitted changes)" if changed else ""
     database = (
         "MONGODB_URI deployment"
         if os.environ.get("MONGODB_URI")
