@@ -1,23 +1,38 @@
-"""Backfill: usernames/s and DB commands per username by batch size, against a raw
-scan-and-bulk-write of the same documents on the same server in the same run."""
+"""Backfill: usernames/s and DB work commands per username as the population grows (1k, 10k,
+50k users), by batch size.
+
+The backfill walks every user; on the embedded server a 10k run would take minutes, so each run
+stops after ``--cap-seconds`` and reports the usernames committed by then (read from the
+backfill's marker). A flat rate means the same rate whatever the population.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import uuid
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ReplaceOne
-
-from bench.common import Results, Stopwatch, counted_client, database_uri
+from bench.common import (
+    Results,
+    Storage,
+    counted_client,
+    database_uri,
+    observer_client,
+    scratch_databases,
+    storage_label,
+    telemetry_settings,
+)
 from shared_contracts.queue.indexes import ensure_queue_indexes
-from telemetry_service.backfill import Backfill
-from telemetry_service.collections import IDENTITY_MAP, USER_METRICS, ensure_indexes
-from telemetry_service.projection.fold import fold
+from telemetry_service.backfill import MARKER, Backfill
+from telemetry_service.collections import (
+    IDENTITY_MAP,
+    MIGRATIONS,
+    USER_METRICS,
+    ensure_indexes,
+)
 from telemetry_service.runtime import TelemetryRuntime
-from telemetry_service.settings import TelemetrySettings
 
 DEVICES_PER_USER = 3
 
@@ -48,75 +63,76 @@ async def seed(db: Any, usernames: int) -> None:
         await db[USER_METRICS].insert_many(devices, ordered=False)
 
 
-async def raw_scan_and_write(db: Any, batch: int) -> None:
-    """The floor: the same reads and one bulk write per batch, no transaction, no publish."""
-    after = None
-    while True:
-        query = {"_id": {"$gt": after}} if after else {}
-        entries = await db[IDENTITY_MAP].find(query, sort=[("_id", 1)], limit=batch).to_list()
-        if not entries:
-            return
-        ids = [d for e in entries for d in e["distinctIds"]]
-        devices = {d["_id"]: d async for d in db[USER_METRICS].find({"_id": {"$in": ids}})}
-        writes = [
-            ReplaceOne(
-                {"_id": e["_id"]},
-                fold(e["_id"], [devices[d] for d in e["distinctIds"]], e["distinctIds"]),
-                upsert=True,
-            )
-            for e in entries
-        ]
-        await db["raw_projection"].bulk_write(writes, ordered=False)
-        after = entries[-1]["_id"]
-
-
-async def run(usernames: int, batch_sizes: list[int]) -> Results:
-    results = Results(f"Backfill: {usernames} usernames, {DEVICES_PER_USER} devices each")
-    with database_uri() as uri:
-        client, counter = counted_client(uri)
-        name = uuid.uuid4().hex[:6]
-        settings = TelemetrySettings(
-            MONGODB_URI=uri, TELEMETRY_DB=f"bench_bt_{name}", BUS_DB=f"bench_bb_{name}"
-        )
-        runtime = TelemetryRuntime(settings=settings, client=client)
-        try:
+async def backfill_once(
+    uri: str, usernames: int, batch: int, cap_seconds: float
+) -> tuple[int, float, int, bool]:
+    """Seed ``usernames`` users, run the backfill until done or ``cap_seconds``; returns the
+    usernames committed, the seconds to commit them, the work commands sent until then, and
+    whether the backfill finished. Progress is read from the marker (updated in each batch's
+    transaction) by an uncounted observer."""
+    client, counter = counted_client(uri)
+    observer = observer_client(uri)
+    settings = telemetry_settings(uri, BACKFILL_BATCH_SIZE=batch)
+    runtime = TelemetryRuntime(settings=settings, client=client)
+    try:
+        async with scratch_databases(observer, settings.telemetry_db, settings.bus_db):
             await ensure_indexes(runtime.db)
             await ensure_queue_indexes(runtime.bus, done_retention_seconds=3600)
-            await seed(runtime.db, usernames)
-            for batch in batch_sizes:
-                tuned = TelemetryRuntime(
-                    settings=settings.model_copy(update={"backfill_batch_size": batch}),
-                    client=client,
-                )
-                job = Backfill(tuned)
-                await job.reset()
-                counter.reset()
-                with Stopwatch() as backfill_clock:
-                    assert await job.run_if_needed()
-                commands = counter.total()
-                with Stopwatch() as raw_clock:
-                    await raw_scan_and_write(runtime.db, batch)
-                rate = usernames / backfill_clock.seconds
-                results.add(f"batch {batch}: backfill", rate, "usernames/s")
-                results.add(f"batch {batch}: DB commands per username", commands / usernames)
-                results.add(
-                    f"batch {batch}: backfill / raw scan-and-bulk-write",
-                    rate / (usernames / raw_clock.seconds),
-                    "x",
-                )
-        finally:
-            await client.drop_database(settings.telemetry_db)
-            await client.drop_database(settings.bus_db)
-            await client.close()
+            await seed(observer[settings.telemetry_db], usernames)
+            job = Backfill(runtime)
+            await job.reset()
+            marker = observer[settings.telemetry_db][MIGRATIONS]
+            counter.reset()
+            started = time.monotonic()
+            task = asyncio.create_task(job.run_if_needed())
+            done, seconds, work = 0, 0.0, 0
+            while not task.done() and time.monotonic() - started < cap_seconds:
+                await asyncio.wait({task}, timeout=0.25)
+                state = await marker.find_one({"_id": MARKER}) or {}
+                if int(state.get("users", 0)) != done:
+                    done, seconds = int(state.get("users", 0)), time.monotonic() - started
+                    work = counter.work()
+            finished = task.done()
+            if finished:
+                assert task.result()
+                seconds, work = time.monotonic() - started, counter.work()
+            else:
+                task.cancel()  # mid-batch: its transaction is aborted with its session
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await client.close()
+        await observer.close()
+    return done, seconds, work, finished
+
+
+async def run(
+    storage: Storage, sizes: list[int], batch_sizes: list[int], cap_seconds: float
+) -> Results:
+    results = Results(
+        f"Backfill ({storage_label(storage)}): {DEVICES_PER_USER} devices per user, each run "
+        f"stopped after {cap_seconds:g} s if not finished"
+    )
+    with database_uri(storage) as uri:
+        for batch in batch_sizes:
+            for size in sizes:
+                done, seconds, work, finished = await backfill_once(uri, size, batch, cap_seconds)
+                label = f"{size:,} users, batch {batch}"
+                scope = "all" if finished else f"first {done:,} in {seconds:.0f} s (capped)"
+                results.add(f"{label}: usernames done", scope)
+                results.add(f"{label}: rate", done / seconds if seconds else 0, "usernames/s")
+                results.add(f"{label}: work commands per username", work / max(done, 1))
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--usernames", type=int, default=5000)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[50, 500, 5000])
+    parser.add_argument("--storage", choices=["disk", "memory"], default="disk")
+    parser.add_argument("--usernames", type=int, nargs="+", default=[1000, 10_000])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[500])
+    parser.add_argument("--cap-seconds", type=float, default=40)
     args = parser.parse_args()
-    print(asyncio.run(run(args.usernames, args.batch_sizes)).markdown())
+    result = asyncio.run(run(args.storage, args.usernames, args.batch_sizes, args.cap_seconds))
+    print(result.markdown())
 
 
 if __name__ == "__main__":

@@ -1,27 +1,46 @@
-"""What every benchmark shares: a database, a command counter, a result table."""
+"""What every benchmark shares: a database per storage mode, the services' command counter,
+the run's environment (commit, versions, load), repeated baselines and a result table."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import importlib.metadata
 import os
 import platform
+import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from unittest import mock
 
+import pymongo
 from pymongo import AsyncMongoClient, monitoring
 
 from shared_contracts.mongo import make_client
 from swamp_club.embedded_db import EmbeddedDb
+from telemetry_service.settings import TelemetrySettings
+
+Client = AsyncMongoClient[dict[str, Any]]
+Storage = Literal["disk", "memory"]
+#: Repetitions of every raw baseline; the median is reported.
+BASELINE_REPETITIONS = 5
+#: The CLI's maximum events per request, and the size of the baseline's small calls.
+REQUEST_SIZE = 25
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts the commands a client sends, by name: a cost no machine noise changes."""
+    """Counts the commands a client sends, by name: a cost no machine noise changes.
+
+    Attached only to the clients under measurement (the services' own, see ``counted_services``),
+    never to the bench's observer, so its polling and reads are not counted."""
 
     IGNORED = frozenset({"hello", "ismaster", "isMaster", "ping", "endSessions", "buildInfo"})
 
@@ -43,13 +62,19 @@ class CommandCounter(monitoring.CommandListener):
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def get_more(self) -> int:
+        """getMore: change streams waiting for events (and cursor batches): not work done."""
+        return self.counts["getMore"]
+
     def work(self) -> int:
-        """Commands that do work: all but getMore, which change streams use to wait for events."""
-        return self.total() - self.counts["getMore"]
+        return self.total() - self.get_more()
 
     def reset(self) -> None:
         self.counts.clear()
         self.micros.clear()
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.work(), self.get_more()
 
     def time_shares(self) -> dict[str, float]:
         """Share of the round-trip time spent in each command: where the work goes."""
@@ -58,17 +83,71 @@ class CommandCounter(monitoring.CommandListener):
 
 
 @contextlib.contextmanager
-def database_uri() -> Iterator[str]:
+def counted_services(counter: CommandCounter) -> Iterator[None]:
+    """While open, the clients the two services create in their lifespans carry ``counter``.
+
+    The services build their one client with ``make_client`` in ``main.py``; wrapping that name
+    there (no production change) attaches the listener to those clients only. A global
+    ``monitoring.register`` would also count the bench's observer and any client created later.
+    """
+
+    def with_counter(uri: str, *, app_name: str, **kwargs: Any) -> Client:
+        listeners = [*kwargs.pop("event_listeners", []), counter]
+        return make_client(uri, app_name=app_name, event_listeners=listeners, **kwargs)
+
+    with (
+        mock.patch("telemetry_service.main.make_client", with_counter),
+        mock.patch("swamp_app.main.make_client", with_counter),
+    ):
+        yield
+
+
+def counted_client(uri: str) -> tuple[Client, CommandCounter]:
+    counter = CommandCounter()
+    return make_client(uri, app_name="swamp-club-bench", event_listeners=[counter]), counter
+
+
+def observer_client(uri: str) -> Client:
+    """The bench's own reads and waits: never counted."""
+    return make_client(uri, app_name="bench-observer")
+
+
+@contextlib.contextmanager
+def database_uri(storage: Storage = "disk") -> Iterator[str]:
+    """MONGODB_URI if set, else an embedded server of its own, on disk (what ``make run`` uses:
+    WiredTiger files in a directory) or in memory."""
     if uri := os.environ.get("MONGODB_URI"):
         yield uri
         return
-    with EmbeddedDb() as db:
-        yield db.uri
+    with contextlib.ExitStack() as stack:
+        path = ":memory:"
+        if storage == "disk":
+            path = stack.enter_context(tempfile.TemporaryDirectory(prefix="swamp-bench-"))
+        with EmbeddedDb(storage_path=path) as db:
+            yield db.uri
 
 
-def counted_client(uri: str) -> tuple[AsyncMongoClient[dict[str, Any]], CommandCounter]:
-    counter = CommandCounter()
-    return make_client(uri, app_name="swamp-club-bench", event_listeners=[counter]), counter
+def storage_label(storage: Storage) -> str:
+    if os.environ.get("MONGODB_URI"):
+        return "MONGODB_URI deployment"
+    return {"disk": "embedded, on disk", "memory": "embedded, in memory"}[storage]
+
+
+def telemetry_settings(uri: str, **extra: Any) -> TelemetrySettings:
+    """Telemetry settings on fresh, uniquely named databases (dropped by the bench after)."""
+    name = uuid.uuid4().hex[:6]
+    return TelemetrySettings(
+        MONGODB_URI=uri, TELEMETRY_DB=f"bench_t_{name}", BUS_DB=f"bench_b_{name}", **extra
+    )
+
+
+@contextlib.asynccontextmanager
+async def scratch_databases(client: Client, *names: str) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for name in names:
+            await client.drop_database(name)
 
 
 class Stopwatch:
@@ -80,37 +159,136 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self.start
 
 
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def spread(values: list[float]) -> str:
+    """Median and range of repeated measurements."""
+    return f"{statistics.median(values):,.0f} (min {min(values):,.0f}, max {max(values):,.0f})"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Raw insert_many of the same documents on the same server in the same run: docs/s in one
+    call and in calls of 25, each the median of ``BASELINE_REPETITIONS`` timed runs."""
+
+    one_call: list[float]
+    calls_of_25: list[float]
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.one_call)
+
+    @property
+    def rate_25(self) -> float:
+        return statistics.median(self.calls_of_25)
+
+
+async def raw_baseline(client: Client, db: str, documents: list[dict[str, Any]]) -> Baseline:
+    """Run with no change stream open (the services are stopped): the floor the pipeline is
+    measured against. Each repetition writes into a fresh collection."""
+    one, small = [], []
+    collection = client[db]["raw_copy"]
+    for _ in range(BASELINE_REPETITIONS):
+        for calls, rates in ((len(documents), one), (REQUEST_SIZE, small)):
+            await collection.drop()
+            with Stopwatch() as clock:
+                for start in range(0, len(documents), calls):
+                    await collection.insert_many(documents[start : start + calls], ordered=False)
+            rates.append(len(documents) / clock.seconds)
+    await collection.drop()
+    return Baseline(one, small)
+
+
 @dataclass
 class Results:
     title: str
     rows: list[tuple[str, str]] = field(default_factory=list)
+    load_before: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    load_after: tuple[float, float, float] | None = None
 
     def add(self, metric: str, value: float | str, unit: str = "") -> None:
         text = value if isinstance(value, str) else f"{value:,.3f}".rstrip("0").rstrip(".")
         self.rows.append((metric, f"{text} {unit}".strip()))
 
+    def finish(self) -> Results:
+        """The scenario is over: its load average after is taken now, not when written."""
+        self.load_after = os.getloadavg()
+        return self
+
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| metric | value |", "|---|---|"]
+        after = _load(self.load_after)
+        load = f"load average (1/5/15 min) before {_load(self.load_before)}, after {after}"
+        lines = [f"### {self.title}", "", f"Machine {load}.", "", "| metric | value |", "|---|---|"]
         lines += [f"| {metric} | {value} |" for metric, value in self.rows]
         return "\n".join(lines) + "\n"
 
 
-def machine_description(uri_is_embedded: bool) -> str:
-    database = "embedded SecantusDB 0.7.0b3" if uri_is_embedded else "MONGODB_URI deployment"
-    return (
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; database: {database}"
+def _load(values: tuple[float, float, float] | None = None) -> str:
+    return " / ".join(f"{v:.2f}" for v in (values or os.getloadavg()))
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+async def server_version(uri: str) -> str:
+    client = observer_client(uri)
+    try:
+        info = await client.admin.command("buildInfo")
+        return str(info.get("version", "unknown"))
+    finally:
+        await client.close()
+
+
+def environment(server: str, storages: list[Storage], argv: list[str]) -> str:
+    # Uncommitted changes to code (the docs may be edited while the bench runs).
+    changed = _git("status", "--porcelain", "--", ".", ":!*.md")
+    dirty = " (with uncommitted changes)" if changed else ""
+    database = (
+        "MONGODB_URI deployment"
+        if os.environ.get("MONGODB_URI")
+        else f"embedded SecantusDB {_version('SecantusDB')} (separate process)"
     )
+    rows = [
+        ("commit", f"`{_git('rev-parse', '--short=12', 'HEAD')}`{dirty}"),
+        ("date", f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"),
+        ("machine", f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"),
+        ("Python / driver", f"{platform.python_version()} / PyMongo {pymongo.version}"),
+        ("server", f"{database}, reports version {server}"),
+        ("storage modes", ", ".join(storage_label(s) for s in storages)),
+        ("baseline repetitions", f"{BASELINE_REPETITIONS} (median reported)"),
+        ("command", "`" + " ".join(["python -m bench", *argv]) + "`"),
+    ]
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def write_results(results: list[Results], path: Path = Path("bench/RESULTS.md")) -> None:
-    embedded = not os.environ.get("MONGODB_URI")
+def write_results(
+    results: list[Results], header: str, path: Path = Path("bench/RESULTS.md")
+) -> None:
     body = "\n".join(r.markdown() for r in results)
     path.write_text(
         "# Benchmark results\n\n"
-        "Written by `make bench`. Absolute rates on shared machines are noise; read the ratios "
-        "(measured in the same run, on the same server) and the DB commands per unit of work.\n\n"
-        f"Machine: {machine_description(embedded)}\n\n{body}"
+        "Written by `make bench`. Absolute rates on this shared machine are noise; read the "
+        "ratios (measured in the same run, on the same server) and the DB commands per unit of "
+        "work (the services' clients only; the bench's observer is not counted).\n\n"
+        f"{header}\n\n{body}"
     )
 
 

@@ -1,208 +1,346 @@
-"""End to end: ingest -> watcher -> projection -> refresh -> score, over real uvicorn servers.
+"""End to end over real uvicorn servers: POST /ingest -> watcher -> projection -> score_refresh
+-> score applied by the app.
 
-Reports events/s against a raw insert_many of the same events, DB commands per event, and the
-lag from event receipt to score applied (p50/p95/p99), with change streams on and with polling
-only. The lag of each refresh is read from the database afterwards: the refresh message's
-doneAt (acked in the score's transaction) minus the snapshot's lastEventReceivedAt.
-Also: the rename lag, from the app's 200 to telemetry answering under the new name.
+- capacity: CLI-shaped traffic (bench/traffic.py) sent unpaced by 8 senders; the clock runs from
+  the first POST to the last score application that leaves every score current;
+- latency: the same traffic paced at a share of the capacity just measured;
+- burst: every event for one user;
+- per-event lag, commands per event (work and getMore, the services' clients only) and the raw
+  insert_many baseline of the same stored documents, repeated, after the services stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import time
+import contextlib
 import uuid
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from pymongo import monitoring
 
-from bench.common import CommandCounter, Results, Stopwatch, database_uri, until
-from bench.ingest import event
-from shared_contracts.mongo import make_client
+from bench.common import (
+    Baseline,
+    Client,
+    CommandCounter,
+    Results,
+    Storage,
+    counted_services,
+    database_uri,
+    observer_client,
+    percentile,
+    raw_baseline,
+    scratch_databases,
+    spread,
+    storage_label,
+    until,
+)
+from bench.traffic import Population, Request, send
+from swamp_app.collections import USER_SCORES
 from swamp_app.main import create_app as create_main_app
 from swamp_app.settings import AppSettings
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
+from telemetry_service.collections import EVENTS
 from telemetry_service.main import create_app as create_telemetry_app
 from telemetry_service.settings import TelemetrySettings
 
-COUNTER = CommandCounter()
+REFRESHES = "swamp_club_events"
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+@dataclass
+class Run:
+    """What one pass of traffic through the pipeline measured."""
+
+    events: int
+    mix: str
+    seconds: float  # first POST -> last score application
+    ingest_seconds: float  # first POST -> last 202
+    work: int
+    get_more: int
+    by_command: dict[str, int]
+    lags: list[float]
+    applications: int  # scores applied during the measured traffic
+    batches: int  # watcher transactions that applied measured events
+    baseline: Baseline | None = None
+    offered_rate: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
 
 
-async def scenario(
-    uri: str, *, events: int, rate: float, users: int, change_streams: bool, renames: int
-) -> dict[str, Any]:
-    name = uuid.uuid4().hex[:6]
-    common = {
-        "MONGODB_URI": uri,
-        "BUS_DB": f"bench_pb_{name}",
-        "QUEUE_CHANGE_STREAMS": change_streams,
-        "QUEUE_POLL_INTERVAL_SECONDS": 1.0,
-    }
-    telemetry = TelemetrySettings(
-        **common, TELEMETRY_DB=f"bench_pt_{name}", INGEST_POLL_INTERVAL_SECONDS=1.0,
-        COMMAND_POLL_INTERVAL_SECONDS=1.0,
-    )  # fmt: skip
-    app = AppSettings(**common, APP_DB=f"bench_pa_{name}")
-    observer = make_client(uri, app_name="bench-observer")  # created before the listener
+@dataclass
+class Pipeline:
+    observer: Client
+    telemetry: TelemetrySettings
+    app: AppSettings
+    tele: httpx.AsyncClient
+    main: httpx.AsyncClient
+
+
+@contextlib.asynccontextmanager
+async def services(
+    observer: Client, telemetry: TelemetrySettings, app: AppSettings, counter: CommandCounter
+) -> AsyncIterator[Pipeline]:
+    """Both services with their workers and change streams on (the defaults of ``make run``),
+    their clients counted; stopped (streams closed) when the block ends."""
     tport, aport = free_port(), free_port()
-    result: dict[str, Any] = {}
-    try:
+    with counted_services(counter):
+        tele_server = make_server(create_telemetry_app(telemetry), host="127.0.0.1", port=tport)
+        app_server = make_server(create_main_app(app), host="127.0.0.1", port=aport)
         async with (
-            running(make_server(create_telemetry_app(telemetry), host="127.0.0.1", port=tport)),
-            running(make_server(create_main_app(app), host="127.0.0.1", port=aport)),
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{tport}", timeout=60) as tele,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{aport}", timeout=60) as main,
+            running(tele_server),
+            running(app_server),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{tport}", timeout=120) as tele,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{aport}", timeout=120) as main,
         ):
-            keys = [
-                (await main.post("/v1/users", json={"username": f"bench-{name}-{i}"})).json()[
-                    "apiKey"
-                ]
-                for i in range(users)
-            ]
-            for key in keys:
-                await until(lambda k=key: _known(tele, k))
-            await until(lambda: _drained(observer, telemetry, app))
-            COUNTER.reset()
-            payloads = [event(f"dev-{name}-{n % (users * 2)}", n) for n in range(events)]
-            with Stopwatch() as clock:
-                await paced_send(tele, payloads, keys, rate)
-                await until(lambda: _drained(observer, telemetry, app))
-            result["events_per_s"] = events / clock.seconds
-            result["commands_per_event"] = COUNTER.total() / events
-            result["lags"] = await refresh_lags(observer, app)
-            raw = observer[telemetry.telemetry_db]["raw_copy"]
-            with Stopwatch() as raw_clock:
-                await raw.insert_many([{"raw": p} for p in payloads], ordered=False)
-            result["raw_per_s"] = events / raw_clock.seconds
-            result["rename_lags"] = await rename_lags(tele, main, keys, name, renames)
-    finally:
-        for db in (telemetry.telemetry_db, app.app_db, telemetry.bus_db):
-            await observer.drop_database(db)
-        await observer.close()
-    return result
+            yield Pipeline(observer, telemetry, app, tele, main)
 
 
-async def _known(tele: httpx.AsyncClient, key: str) -> bool:
-    # A probe event per user: it is one of the events, counted like any other.
-    probe = event(f"probe-{key[-6:]}", 0)
-    return (await tele.post("/ingest", json=probe, headers={"x-api-key": key})).status_code == 202
+async def register_users(p: Pipeline, users: int) -> dict[str, str]:
+    keys = {}
+    for i in range(users):
+        response = await p.main.post("/v1/users", json={"username": f"bench-{i}"})
+        assert response.status_code == 201, response.text
+        keys[response.json()["id"]] = response.json()["apiKey"]
+    return keys
 
 
-async def paced_send(
-    tele: httpx.AsyncClient, payloads: list[dict[str, Any]], keys: list[str], rate: float
-) -> None:
-    """Requests of 25 events (the CLI's maximum) at a steady overall rate."""
-    started = time.monotonic()
-    sent = 0
-    pending = []
-    for start in range(0, len(payloads), 25):
-        chunk = payloads[start : start + 25]
-        key = keys[(start // 25) % len(keys)] if (start // 25) % 2 == 0 else None
-        headers = {"x-api-key": key} if key else {}
-        pending.append(
-            asyncio.create_task(tele.post("/ingest", json={"events": chunk}, headers=headers))
-        )
-        sent += len(chunk)
-        delay = started + sent / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-    responses = await asyncio.gather(*pending)
-    assert all(r.status_code == 202 for r in responses), [
-        r.text for r in responses if r.status_code != 202
-    ][:1]
+async def post(p: Pipeline, request: Request) -> None:
+    response = await p.tele.post("/ingest", json=request.body, headers=request.headers)
+    assert response.status_code == 202, response.text
 
 
-async def _drained(observer: Any, telemetry: TelemetrySettings, app: AppSettings) -> bool:
-    events = await observer[telemetry.telemetry_db]["events"].count_documents({"processed": False})
-    busy = await observer[app.bus_db]["swamp_club_events"].count_documents(
-        {"status": {"$in": ["pending", "active"]}}
-    )
-    return bool(events == 0 and busy == 0)
+async def settled(p: Pipeline) -> bool:
+    """Every event applied and every refresh finished: each score is at its projection."""
+    events = p.observer[p.telemetry.telemetry_db][EVENTS]
+    if await events.count_documents({"processed": False, "dead": {"$ne": True}}, limit=1):
+        return False
+    busy = {"status": {"$in": ["pending", "active"]}}
+    return not await p.observer[p.app.bus_db][REFRESHES].count_documents(busy, limit=1)
 
 
-async def refresh_lags(observer: Any, app: AppSettings) -> list[float]:
-    lags = []
-    async for message in observer[app.bus_db]["swamp_club_events"].find(
-        {
-            "status": "done",
-            "reason": {"$in": ["ingest", "binding"]},
-            "supersededAt": {"$exists": False},
-        }
-    ):
-        received = message["snapshot"].get("lastEventReceivedAt")
-        if received is not None:
-            lags.append((message["doneAt"] - received).total_seconds())
-    return lags
-
-
-async def rename_lags(
-    tele: httpx.AsyncClient, main: httpx.AsyncClient, keys: list[str], name: str, count: int
-) -> list[float]:
-    lags = []
-    for i in range(count):
-        key = keys[i % len(keys)]
-        new = f"rn-{name}-{i}"
-        response = await main.patch(
-            "/v1/users/me", json={"username": new}, headers={"Authorization": f"Bearer {key}"}
-        )
-        assert response.status_code == 200, response.text
-        started = time.monotonic()
-        while (await tele.get("/v1/stats", params={"username": new})).status_code != 200:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        lags.append(time.monotonic() - started)
-    return lags
-
-
-async def run(events: int, rate: float, users: int, renames: int) -> Results:
-    results = Results(
-        f"Ingest to score: {events} events at {rate:g}/s, {users} users, real uvicorn"
-    )
-    monitoring.register(COUNTER)  # every client created from here on is counted
-    with database_uri() as uri:
-        for change_streams in (True, False):
-            label = "change streams" if change_streams else "polling only (1 s)"
-            r = await scenario(
-                uri, events=events, rate=rate, users=users, change_streams=change_streams,
-                renames=renames if change_streams else 0,
-            )  # fmt: skip
-            lags = r["lags"]
-            results.add(f"{label}: events/s end to end", r["events_per_s"], "events/s")
-            results.add(f"{label}: / raw insert_many", r["events_per_s"] / r["raw_per_s"], "x")
-            results.add(f"{label}: DB commands per event", r["commands_per_event"])
-            results.add(
-                f"{label}: lag event -> score p50 / p95 / p99",
-                " / ".join(f"{percentile(lags, q):.3f}" for q in (0.5, 0.95, 0.99)),
-                f"s ({len(lags)} refreshes)",
-            )
-            if change_streams and r["rename_lags"]:
-                rl = r["rename_lags"]
-                results.add(
-                    f"rename: app 200 -> telemetry stats, p50 / p99 over {len(rl)}",
-                    f"{statistics.median(rl):.3f} / {percentile(rl, 0.99):.3f}",
-                    "s",
+async def traffic(
+    uri: str,
+    *,
+    users: int,
+    devices_per_user: int,
+    events: int,
+    rate: float | None,
+    baseline: bool,
+) -> Run:
+    """Warm up (users, device ownership), then send ``events`` and wait until every score is
+    current. Commands are counted from the first measured POST to that moment."""
+    counter = CommandCounter()
+    name = uuid.uuid4().hex[:6]
+    common: dict[str, Any] = {"MONGODB_URI": uri, "BUS_DB": f"bench_pb_{name}"}
+    telemetry = TelemetrySettings(**common, TELEMETRY_DB=f"bench_pt_{name}")
+    # Every application stays in scoreHistory, so they can be counted afterwards.
+    app = AppSettings(**common, APP_DB=f"bench_pa_{name}", SCORE_HISTORY_CAP=10_000)
+    observer = observer_client(uri)
+    try:
+        async with scratch_databases(observer, telemetry.telemetry_db, app.app_db, app.bus_db):
+            async with services(observer, telemetry, app, counter) as p:
+                population = Population.build(
+                    await register_users(p, users), devices_per_user, name[:4]
                 )
+                await send(lambda r: post(p, r), population.warm_up(), rate=None)
+                await until(lambda: settled(p))
+                requests = population.requests(events)
+                measured = {e["insert_id"] for r in requests for e in r.events}
+                counter.reset()
+                started = datetime.now(UTC)
+                ingest_seconds = await send(lambda r: post(p, r), requests, rate=rate)
+                await until(lambda: settled(p), interval=0.2)
+                work, get_more = counter.snapshot()
+                by_command = dict(counter.counts.most_common())
+            # The services are stopped, their change streams closed: measure from the database.
+            run = await measure(p, population, measured, started)
+            if baseline:
+                stored = observer[telemetry.telemetry_db][EVENTS].find(
+                    {"_id": {"$in": sorted(measured)}}
+                )
+                run.baseline = await raw_baseline(
+                    observer, telemetry.telemetry_db, await stored.to_list()
+                )
+    finally:
+        await observer.close()
+    run.ingest_seconds, run.work, run.get_more, run.by_command = (
+        ingest_seconds, work, get_more, by_command
+    )  # fmt: skip
+    run.mix = population.mix(requests)
+    if rate:
+        run.offered_rate = events / ingest_seconds
+    return run
+
+
+async def measure(
+    p: Pipeline, population: Population, measured: set[str], started: datetime
+) -> Run:
+    """Per-event lag: from each event's receipt at telemetry to the first score application
+    that counts it.
+
+    Which application counts an event: each event adds exactly 1 to its user's
+    ``totalInvocations`` (the user whose key it carries, else its device's owner: ownership was
+    settled in the warm-up). The watcher applies a batch in one transaction that marks its
+    events with one ``processedAt`` and writes each affected projection once, so a user's
+    projection at any version holds exactly the user's events of the batches committed so far:
+    a prefix of them in ``processedAt`` order (one watcher applies batches one after another).
+    Giving each event the rank of the end of its batch within its user's events (ties in
+    ``processedAt`` are one batch), the projection counts it as soon as its ``totalInvocations``
+    reaches that rank. The applications are the refresh messages finished without being
+    superseded whose ``projectionVersion`` is in the user's ``scoreHistory`` (stale ones, never
+    applied, are not); the message's ``doneAt`` is written in the transaction that applies the
+    score. A score never goes backwards (I9), so the first application at or above the rank is
+    the moment the event is in the user's score. The last application of each user must equal
+    the user's event count: otherwise the attribution above is wrong and the run fails.
+    """
+    tdb = p.observer[p.telemetry.telemetry_db]
+    adb, bus = p.observer[p.app.app_db], p.observer[p.app.bus_db]
+    user_of_hash = population.user_of_key_hash()
+    by_user: dict[str, list[tuple[datetime, datetime, str]]] = defaultdict(list)
+    batches: set[datetime] = set()
+    fields = {"keyHash": 1, "distinctId": 1, "receivedAt": 1, "processedAt": 1}
+    async for e in tdb[EVENTS].find({}, fields):
+        user = user_of_hash[e["keyHash"]] if e.get("keyHash") else population.owner[e["distinctId"]]
+        by_user[user].append((e["processedAt"], e["receivedAt"], e["_id"]))
+        if e["_id"] in measured:
+            batches.add(e["processedAt"])
+    applied_versions = {
+        s["_id"]: {h["projectionVersion"] for h in s.get("scoreHistory", [])}
+        async for s in adb[USER_SCORES].find({}, {"scoreHistory.projectionVersion": 1})
+    }
+    applied: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
+    done = {"status": "done", "supersededAt": {"$exists": False}}
+    async for m in bus[REFRESHES].find(done, {"userId": 1, "projectionVersion": 1, "doneAt": 1,
+                                              "snapshot.totalInvocations": 1}):  # fmt: skip
+        if m["projectionVersion"] in applied_versions.get(m["userId"], set()):
+            applied[m["userId"]].append((m["doneAt"], int(m["snapshot"]["totalInvocations"])))
+    lags: list[float] = []
+    applications = 0
+    for user, rows in by_user.items():
+        rows.sort()
+        scores = sorted(applied[user])
+        applications += sum(1 for done_at, _ in scores if done_at >= started)
+        if not scores or scores[-1][1] != len(rows):
+            raise AssertionError(
+                f"user {user}: {len(rows)} events, last score counts {scores[-1:]}"
+            )
+        # Rank at the end of each batch: the count of the user's events processed up to then.
+        rank_at = {processed: i + 1 for i, (processed, _, _) in enumerate(rows)}
+        totals = [total for _, total in scores]
+        for processed, received, event_id in rows:
+            if event_id in measured:
+                first = bisect_left(totals, rank_at[processed])
+                lags.append((scores[first][0] - received).total_seconds())
+    last = max(done_at for scores in applied.values() for done_at, _ in scores)
+    return Run(
+        events=len(measured), mix="", seconds=(last - started).total_seconds(), ingest_seconds=0,
+        work=0, get_more=0, by_command={}, lags=lags, applications=applications,
+        batches=len(batches),
+    )  # fmt: skip
+
+
+def add_run(results: Results, label: str, run: Run, baseline: Baseline | None) -> None:
+    results.add(f"{label}: traffic", run.mix)
+    if run.offered_rate is not None:
+        results.add(f"{label}: sent at", run.offered_rate, "events/s")
+    results.add(f"{label}: first POST -> every score current", run.rate, "events/s")
+    results.add(f"{label}: ingest alone (first POST -> last 202)", run.events / run.ingest_seconds,
+                "events/s")  # fmt: skip
+    if baseline:
+        results.add(f"{label}: / raw insert_many, one call", run.rate / baseline.rate, "x")
+        results.add(f"{label}: / raw insert_many, calls of 25", run.rate / baseline.rate_25, "x")
+    results.add(
+        f"{label}: commands per event, work + getMore",
+        f"{run.work / run.events:.3f} + {run.get_more / run.events:.3f}",
+    )
+    results.add(
+        f"{label}: lag receipt -> score applied, p50 / p95 / p99 / max",
+        " / ".join(f"{percentile(run.lags, q):.3f}" for q in (0.5, 0.95, 0.99, 1.0)),
+        f"s over all {len(run.lags)} events",
+    )
+    results.add(
+        f"{label}: watcher batches / score applications", f"{run.batches} / {run.applications}"
+    )
+    print(f"  {label}: commands {run.by_command}")
+
+
+def add_baseline(results: Results, baseline: Baseline, events: int) -> None:
+    results.add(f"raw insert_many of the same {events} stored events, one call",
+                spread(baseline.one_call), "docs/s")  # fmt: skip
+    results.add(f"raw insert_many of the same {events} stored events, calls of 25",
+                spread(baseline.calls_of_25), "docs/s")  # fmt: skip
+
+
+@dataclass
+class Capacity:
+    results: Results
+    rate: float
+    baseline: Baseline
+
+
+async def run(
+    storage: Storage,
+    *,
+    events: int,
+    users: int,
+    devices_per_user: int,
+    loads: list[float],
+    latency_seconds: float,
+    burst: int,
+) -> Results:
+    results = Results(
+        f"Ingest to score ({storage_label(storage)}): {users} users x {devices_per_user} devices, "
+        f"8 senders, real uvicorn, change streams on"
+    )
+    with database_uri(storage) as uri:
+        cap = await traffic(uri, users=users, devices_per_user=devices_per_user, events=events,
+                            rate=None, baseline=True)  # fmt: skip
+        assert cap.baseline is not None
+        add_baseline(results, cap.baseline, events)
+        add_run(results, "capacity (unpaced)", cap, cap.baseline)
+        for load in loads:
+            rate = load * cap.rate
+            paced = await traffic(
+                uri, users=users, devices_per_user=devices_per_user,
+                events=max(200, round(rate * latency_seconds)), rate=rate, baseline=False,
+            )  # fmt: skip
+            add_run(results, f"{load:.0%} of capacity ({rate:.0f} events/s)", paced, None)
+        if burst:
+            b = await traffic(uri, users=1, devices_per_user=devices_per_user, events=burst,
+                              rate=None, baseline=False)  # fmt: skip
+            label = f"burst: {burst} events for one user, unpaced"
+            add_run(results, label, b, None)
+            results.add(f"{label}: / raw insert_many (capacity run's baseline)",
+                        b.rate / cap.baseline.rate, "x")  # fmt: skip
+            results.add(f"{label}: score applications", b.applications)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--storage", choices=["disk", "memory"], default="disk")
     parser.add_argument("--events", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=100.0, help="events per second, steady")
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--renames", type=int, default=20)
+    parser.add_argument("--users", type=int, default=20)
+    parser.add_argument("--devices-per-user", type=int, default=10)
+    parser.add_argument("--loads", type=float, nargs="*", default=[0.5, 0.8])
+    parser.add_argument("--latency-seconds", type=float, default=10)
+    parser.add_argument("--burst", type=int, default=0)
     args = parser.parse_args()
-    print(asyncio.run(run(args.events, args.rate, args.users, args.renames)).markdown())
+    results = asyncio.run(
+        run(args.storage, events=args.events, users=args.users,
+            devices_per_user=args.devices_per_user, loads=args.loads,
+            latency_seconds=args.latency_seconds, burst=args.burst)
+    )  # fmt: skip
+    print(results.markdown())
 
 
 if __name__ == "__main__":
