@@ -26,8 +26,10 @@ def install(app: Any, *, max_events: int) -> None:
             "events": {
                 "type": "array",
                 "items": EVENT_REF,
-                "minItems": 1,
-                "description": f"At most {max_events} events (INGEST_MAX_EVENTS); more is 413.",
+                # No minItems: an empty batch is answered 202 {"accepted": 0} (nothing to store,
+                # nothing lost), so the schema must not call it invalid.
+                "description": f"At most {max_events} events (INGEST_MAX_EVENTS); more is 413. "
+                "An empty list is accepted and stores nothing.",
             }
         },
     }

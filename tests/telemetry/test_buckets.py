@@ -207,7 +207,10 @@ async def test_invented_words_are_counted_on_metrics_not_in_public_counters(
     after = (unknown_words("command", "other"), unknown_words("subcommand", "model"))
     assert (after[0] - before[0], after[1] - before[1]) == (3, 1)
     exposed = (await telemetry.http.get("/metrics")).text
-    assert 'swamp_ingest_unknown_command_words_total{command="other",position="command"}' in exposed
+    assert (
+        'swamp_ingest_unknown_command_words_total{command="other",position="command",'
+        'service="telemetry"}' in exposed
+    )
     assert "invented" not in exposed
     assert "my-secret-repo" not in exposed
 

@@ -38,7 +38,7 @@ async def test_the_admin_api_lists_retries_and_purges_set_aside_events(
     assert (await telemetry.http.get("/admin/events/dead")).status_code == 401
 
     metrics = (await telemetry.http.get("/metrics")).text
-    assert "swamp_ingest_events_set_aside 2.0" in metrics
+    assert 'swamp_ingest_events_set_aside{service="telemetry"} 2.0' in metrics
 
     retried = await telemetry.http.post(
         "/admin/events/dead/retry", json={"ids": [first]}, headers=ADMIN
