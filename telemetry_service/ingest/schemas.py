@@ -6,7 +6,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    model_validator,
+)
 
 #: The longest duration one event adds to a sum: 7 days. A longer ``durationMs`` (a ``swamp
 #: serve`` that ran for weeks, or a hostile 2^63-1) is accepted and counted as 7 days, so no sum
@@ -31,7 +40,7 @@ def _in_utc(value: datetime) -> datetime:
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 #: Milliseconds, >= 0; above MAX_DURATION_MS counted as MAX_DURATION_MS (the raw event keeps
 #: what was sent).
-DurationMs = Annotated[int, Field(ge=0), AfterValidator(_clamp_duration)]
+DurationMs = Annotated[StrictInt, Field(ge=0), AfterValidator(_clamp_duration)]
 
 
 class Invocation(BaseModel):
@@ -46,12 +55,14 @@ class Invocation(BaseModel):
 class Result(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: Literal["success", "error", "user_error"]
-    exitCode: int | None = None
+    # Strict (as is agentSessionDetected and durationMs): the CLI sends real integers and
+    # booleans, and lax coercion (false as 0, "5" as 5) would accept what the schema refuses.
+    exitCode: StrictInt | None = None
 
 
 class InvocationContext(BaseModel):
     model_config = ConfigDict(extra="allow")
-    agentSessionDetected: bool | None = None
+    agentSessionDetected: StrictBool | None = None
 
 
 class EventProperties(BaseModel):

@@ -226,3 +226,22 @@ async def test_random_json_never_gets_a_500(
     assert response.status_code in {202, 400, 401, 413, 422}, response.text
     if response.status_code != 202:
         assert "error" in response.json()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("exitCode", False), ("durationMs", "447"), ("durationMs", True)],
+)
+async def test_numbers_and_booleans_are_not_coerced(
+    telemetry: Telemetry, field: str, value: Any
+) -> None:
+    """What the schema calls an integer or a boolean must be one: lax coercion (false as 0,
+    "447" as 447) would accept requests the published OpenAPI schema refuses."""
+    event = cli_event("coerce-dev")
+    if field == "exitCode":
+        event["properties"]["result"]["exitCode"] = value
+    else:
+        event["properties"][field] = value
+    response = await telemetry.post(event)
+    assert response.status_code == 422
+    assert field in response.json()["error"]["details"][0]["loc"]
