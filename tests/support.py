@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -109,6 +110,27 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+async def swamp_club_cli(
+    mongo_uri: str, names: DbNames, *args: str, with_stderr: bool = True
+) -> tuple[int, str]:
+    """The ``swamp-club`` command line as an operator runs it, on these test databases:
+    (exit code, output)."""
+    env = {
+        **os.environ,
+        "MONGODB_URI": mongo_uri,
+        "TELEMETRY_DB": names.telemetry,
+        "APP_DB": names.app,
+        "BUS_DB": names.bus,
+    }
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "swamp-club"), *args, env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if with_stderr else asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, output.decode()
 
 
 #: True when the tests run on the embedded server rather than a MONGODB_URI deployment.

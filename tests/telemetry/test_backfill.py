@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +19,7 @@ from telemetry_service.collections import (
 )
 from telemetry_service.projection.verify import find_drift
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import DbNames
+from tests.support import DbNames, swamp_club_cli
 from tests.telemetry.conftest import Telemetry
 
 STALE_VERSION = 3
@@ -164,20 +161,12 @@ async def test_the_operator_commands(
     telemetry: Telemetry, mongo_uri: str, db_names: DbNames
 ) -> None:
     await seed_dormant_users(telemetry.runtime, 4)
-    env = {
-        **os.environ,
-        "MONGODB_URI": mongo_uri,
-        "TELEMETRY_DB": db_names.telemetry,
-        "BUS_DB": db_names.bus,
-    }
 
     async def swamp_club(*args: str) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "swamp-club"), "telemetry", "backfill", *args,
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        output, _ = await process.communicate()
-        return process.returncode or 0, output.decode().strip()
+        code, output = await swamp_club_cli(
+            mongo_uri, db_names, "telemetry", "backfill", *args, with_stderr=False
+        )
+        return code, output.strip()
 
     assert await swamp_club("--dry-run") == (0, "4 projection(s) would change")
     assert (await swamp_club("--status"))[1] == '{"status": "pending"}'

@@ -3,13 +3,9 @@ the same on the admin API, and a gauge on /metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-from pathlib import Path
 
-from tests.support import DbNames
+from tests.support import DbNames, swamp_club_cli
 from tests.telemetry.conftest import ADMIN, Telemetry, cli_event
 from tests.telemetry.test_isolation import store_as_an_older_release_did
 
@@ -54,20 +50,10 @@ async def test_the_events_command_line(
     telemetry: Telemetry, mongo_uri: str, db_names: DbNames
 ) -> None:
     first, second = await poisoned(telemetry, 2)
-    env = {
-        **os.environ,
-        "MONGODB_URI": mongo_uri,
-        "TELEMETRY_DB": db_names.telemetry,
-        "BUS_DB": db_names.bus,
-    }
 
     async def swamp_club(*args: str) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "swamp-club"), "events", *args,
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await process.communicate()
-        return process.returncode or 0, output.decode()
+        code, output = await swamp_club_cli(mongo_uri, db_names, "events", *args)
+        return code, output
 
     code, output = await swamp_club("dead", "--json")
     assert code == 0

@@ -8,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +29,7 @@ from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.set_aside import count_set_aside, purge_set_aside, retry_set_aside
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import DbNames
+from tests.support import DbNames, swamp_club_cli
 from tests.telemetry.conftest import ADMIN, ADMIN_TOKEN, Telemetry, cli_event
 from tests.telemetry.test_isolation import store_as_an_older_release_did
 
@@ -481,20 +478,10 @@ async def test_the_events_command_line_with_odd_ids(
         event["properties"]["startedAt"] = "9999-12-31T23:00:00-05:00"
         await store_as_an_older_release_did(telemetry, event)
     await telemetry.drain()
-    env = {
-        **os.environ,
-        "MONGODB_URI": mongo_uri,
-        "TELEMETRY_DB": db_names.telemetry,
-        "BUS_DB": db_names.bus,
-    }
 
     async def swamp_club(*args: str) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "swamp-club"), "events", *args,
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-        return process.returncode or 0, output.decode()
+        code, output = await swamp_club_cli(mongo_uri, db_names, "events", *args)
+        return code, output
 
     code, output = await swamp_club("dead", "--json")
     assert code == 0, output
