@@ -15,7 +15,7 @@ import typer
 from shared_contracts.observability import configure_logging
 from shared_contracts.settings import SettingsError, load_settings
 from swamp_club.app_cli import app_cli
-from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError
+from swamp_club.embedded_db import EmbeddedDb, EmbeddedDbError, refuse_taken_port
 from swamp_club.events_cli import events_cli
 from swamp_club.instance import InstanceError, exclusive, write_state
 from swamp_club.operator import EXIT_USAGE, fail
@@ -89,6 +89,9 @@ def up() -> None:
             os.environ["MONGODB_URI"] = uri
             telemetry = load_settings(TelemetrySettings)
             main_app = load_settings(AppSettings)
+            # Before the banner: a URL printed for a port another process serves would lie.
+            refuse_taken_port(telemetry.host, telemetry.port, setting="TELEMETRY_PORT")
+            refuse_taken_port(main_app.host, main_app.port, setting="APP_PORT")
             servers = [
                 make_server(
                     create_telemetry_app(telemetry), host=telemetry.host, port=telemetry.port

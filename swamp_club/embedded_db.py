@@ -45,8 +45,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def refuse_taken_port(host: str, port: int) -> None:
-    """A port someone already listens on would make us talk to their server, not ours."""
+def refuse_taken_port(host: str, port: int, *, setting: str = "EMBEDDED_DB_PORT") -> None:
+    """A port someone already listens on would make us talk to their server, not ours (or,
+    for a service's port, fail to serve after printing its URL)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # SO_REUSEADDR: a port left in TIME_WAIT by our own last run is free; a listener is not.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -54,8 +55,8 @@ def refuse_taken_port(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError:
             raise EmbeddedDbError(
-                f"port {host}:{port} is taken (another swamp-club up or database?);"
-                " stop it or set EMBEDDED_DB_PORT to a free port"
+                f"port {host}:{port} is taken (another swamp-club up or server?);"
+                f" stop it or set {setting} to a free port"
             ) from None
 
 

@@ -10,7 +10,7 @@ import typer
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared_contracts.mongo import make_client
-from swamp_club.operator import operator_settings, run_on_database
+from swamp_club.operator import EXIT_USAGE, fail, operator_settings, run_on_database
 from telemetry_service.settings import TelemetrySettings
 
 events_cli = typer.Typer(
@@ -43,6 +43,13 @@ def chosen_ids(ids: list[str] | None, every: bool) -> list[str] | None:
         typer.secho("error: give event ids, or --all", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
     return None if every else list(ids or [])
+
+
+def refuse_unknown(selected: list[str] | None, count: int) -> None:
+    """Ids that are not set-aside events are a usage error, as malformed ids are for queue."""
+    if selected is not None and count != len(set(selected)):
+        missing = len(set(selected)) - count
+        raise fail(f"{missing} of the ids given are not set-aside events", EXIT_USAGE)
 
 
 @events_cli.command("dead")
@@ -79,8 +86,7 @@ def retry(
     selected = chosen_ids(ids, every)
     count = on_telemetry(lambda db: retry_set_aside(db, ids=selected))
     typer.echo(json.dumps({"retried": count}) if as_json else f"{count} event(s) retried")
-    if selected is not None and count != len(set(selected)):
-        raise typer.Exit(1)  # some ids were not set-aside events
+    refuse_unknown(selected, count)
 
 
 @events_cli.command("purge")
@@ -95,5 +101,4 @@ def purge(
     selected = chosen_ids(ids, every)
     count = on_telemetry(lambda db: purge_set_aside(db, ids=selected))
     typer.echo(json.dumps({"purged": count}) if as_json else f"{count} event(s) purged")
-    if selected is not None and count != len(set(selected)):
-        raise typer.Exit(1)
+    refuse_unknown(selected, count)

@@ -56,8 +56,10 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
             typer.echo(str(drift))
         typer.echo(f"{len(report.drift)} user(s) drifted" if report.drift else "no drift")
         typer.echo(f"events set aside: {report.set_aside_events}")
-        typer.echo(f"events whose key counted as no key: {report.unattributed_events or 0}")
-        typer.echo(f"dead messages: {report.dead_messages}")
+        unattributed = ", ".join(f"{why} {n}" for why, n in report.unattributed_events.items())
+        typer.echo(f"events whose key counted as no key: {unattributed or 0}")
+        dead = ", ".join(f"{queue} {n}" for queue, n in report.dead_messages.items())
+        typer.echo(f"dead messages: {dead}")
     raise typer.Exit(0 if report.clean else 1)
 
 

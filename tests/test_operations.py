@@ -202,3 +202,25 @@ def test_a_second_copy_on_the_same_database_port_is_refused(tmp_path: Path) -> N
         assert "embedded database ready" not in out
     finally:
         first.stop()
+
+
+def test_a_taken_service_port_is_refused_before_any_banner(tmp_path: Path) -> None:
+    """A port another process serves: one line and exit 2, never a banner whose URL would
+    point at the other process (found by trying the README on a fresh clone)."""
+    import socket
+
+    ports = new_ports()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", ports["app"]))
+        taken.listen()
+        second = start_up(tmp_path, ports)
+        second.wait(timeout=60)
+    lines = [
+        line for line in second.output().strip().splitlines() if "embedded database" not in line
+    ]
+    assert second.returncode == 2, second.output()
+    assert lines == [
+        f"error: port 127.0.0.1:{ports['app']} is taken (another swamp-club up or"
+        " server?); stop it or set APP_PORT to a free port"
+    ], second.output()
+    assert "main app:" not in second.output()
