@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from shared_contracts.api_errors import ApiError, Unauthorized, error_responses
 from shared_contracts.queue.admin import Collection, list_dead, queue_stats, retry_dead
@@ -88,13 +88,26 @@ class DeadLetter(BaseModel):
         )
 
 
+MAX_RETRY_IDS = 1000
+
+
 class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # The count limit as prose and a validator, not maxItems: a longer list can also exceed the
+    # app's body limit and be answered 413, which a schema violation would have to be a 400 or
+    # 422 to be honest about (as POST /ingest's event limit).
     ids: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
         default=None,
-        max_length=1000,
-        description="Dead messages to retry; omit to retry every dead message of this queue.",
+        description="Dead messages to retry (at most 1000); omit to retry every dead message "
+        "of this queue.",
     )
+
+    @field_validator("ids")
+    @classmethod
+    def _at_most_1000(cls, ids: list[str] | None) -> list[str] | None:
+        if ids is not None and len(ids) > MAX_RETRY_IDS:
+            raise ValueError(f"at most {MAX_RETRY_IDS} ids per request")
+        return ids
 
 
 class RetryResult(BaseModel):
@@ -131,7 +144,9 @@ def queue_admin_router(queue_name: str) -> APIRouter:
         """Dead messages with their last error, newest first."""
         return [DeadLetter.of(d) for d in await list_dead(collection, type_=type_, limit=limit)]
 
-    @router.post("/dead/retry", response_model=RetryResult, responses=error_responses(400, 422))
+    @router.post(
+        "/dead/retry", response_model=RetryResult, responses=error_responses(400, 413, 422)
+    )
     async def admin_retry_dead_letters(body: RetryRequest, collection: QueueDep) -> RetryResult:
         """Dead messages back to pending with a fresh attempt budget (lastError is kept)."""
         return RetryResult(retried=await retry_dead(collection, ids=body.ids, now=utcnow()))

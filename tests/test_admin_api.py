@@ -159,3 +159,16 @@ async def test_the_admin_token_never_reaches_the_logs(
         )
     assert caplog.records  # the request was logged ...
     assert all(TOKEN not in record.getMessage() for record in caplog.records)  # ... not the token
+
+
+async def test_more_than_1000_ids_to_retry_is_422_not_a_schema_limit(service: Service) -> None:
+    """The limit is enforced (422, naming the field) but not written as maxItems: a longer list
+    may also be a 413 at the app's body limit, which a schema violation must not be."""
+    ids = [f"{n:024x}" for n in range(1001)]
+    response = await service.http.post(
+        f"/admin/queues/{service.queue}/dead/retry", json={"ids": ids}, headers=ADMIN
+    )
+    assert response.status_code == 422
+    assert "ids" in response.json()["error"]["details"][0]["loc"]
+    schema = (await service.http.get("/openapi.json")).json()
+    assert "maxItems" not in str(schema["components"]["schemas"]["RetryRequest"])

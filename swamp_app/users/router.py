@@ -17,7 +17,7 @@ router = APIRouter(tags=["users"])
     "/v1/users",
     status_code=201,
     response_model=UserCreated,
-    responses=error_responses(400, 409, 422),
+    responses=error_responses(400, 409, 413, 422),
 )
 async def register(body: UserCreate, runtime: RuntimeDep) -> UserCreated:
     """Open registration. The answer carries the user's first API key, shown only this once."""
@@ -28,7 +28,7 @@ async def register(body: UserCreate, runtime: RuntimeDep) -> UserCreated:
 @router.patch(
     "/v1/users/me",
     response_model=UserPublic,
-    responses=error_responses(400, 401, 404, 409, 422),
+    responses=error_responses(400, 401, 404, 409, 413, 422),
 )
 async def rename(body: UserRename, user: CurrentUser, runtime: RuntimeDep) -> UserPublic:
     """Rename yourself: 409 if the name is taken; your own name is a no-op."""
