@@ -99,14 +99,20 @@ class TransactionReaper:
         client: MongoClient[dict[str, object]] = MongoClient(
             self.uri, serverSelectionTimeoutMS=2000, socketTimeoutMS=10_000
         )
+        # Best effort, whatever fails: with the database gone during interpreter shutdown the
+        # driver raises more than PyMongoError (it cannot start its threads), and an exception
+        # escaping this thread would print a raw traceback into the operator's terminal.
         try:
             while not self._stop.wait(self.interval):
-                with contextlib.suppress(PyMongoError), client.start_session() as session:
+                with contextlib.suppress(Exception), client.start_session() as session:
                     session.start_transaction()
                     client["swamp_embedded"]["reaper"].find_one({}, session=session)
                     session.abort_transaction()
+        except Exception:  # see above
+            pass
         finally:
-            client.close()
+            with contextlib.suppress(Exception):
+                client.close()
 
 
 class EmbeddedDb:
