@@ -9,7 +9,7 @@ by the number.
 
 from __future__ import annotations
 
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from telemetry_service.collections import ARRIVAL_COUNTER, COUNTERS, EVENTS, Database
@@ -39,10 +39,16 @@ async def number_unsequenced(db: Database, *, session: AsyncClientSession | None
         {"processed": False, "seq": {"$exists": False}}, {"receivedAt": 1},
         sort=[("receivedAt", 1), ("_id", 1)], session=session,
     ).to_list()  # fmt: skip
-    for position, event in enumerate(old):
-        await db[EVENTS].update_one(
-            {"_id": event["_id"], "seq": {"$exists": False}},
-            {"$set": {"seq": position - len(old)}},
+    if old:
+        await db[EVENTS].bulk_write(
+            [
+                UpdateOne(
+                    {"_id": event["_id"], "seq": {"$exists": False}},
+                    {"$set": {"seq": position - len(old)}},
+                )
+                for position, event in enumerate(old)
+            ],
+            ordered=False,
             session=session,
         )
     return len(old)
