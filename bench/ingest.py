@@ -30,7 +30,7 @@ from bench.common import (
 from bench.traffic import Population, Request, send
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, UserRegistered
-from telemetry_service.collections import EVENTS
+from telemetry_service.collections import EVENTS, MAIN_LINE, PROGRESS
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.main import create_app
 from telemetry_service.processing.watcher import IngestWatcher
@@ -62,9 +62,12 @@ async def run_batch_size(
                 await send(post, population.warm_up(), rate=None)
                 await watcher.drain()  # device ownership settled, as in the pipeline bench
                 await send(post, requests, rate=None)
+            batches_before = await committed_batches(runtime)
             counter.reset()
             with Stopwatch() as watch_clock:
                 await watcher.drain()
+            work = counter.work()  # before the baseline below adds its own inserts
+            batches = await committed_batches(runtime) - batches_before
             print(
                 f"  batch {batch}: commands {dict(counter.counts)};",
                 f"time shares {counter.time_shares()}",
@@ -79,10 +82,15 @@ async def run_batch_size(
     return {
         "watcher_events_per_s": events / watch_clock.seconds,
         "baseline": baseline,
-        "work": counter.work() / events,
-        "batches": -(-events // batch),
+        "work": work / events,
+        "batches": batches,
         "mix": population.mix(requests),
     }
+
+
+async def committed_batches(runtime: TelemetryRuntime) -> int:
+    progress = await runtime.db[PROGRESS].find_one({"_id": MAIN_LINE})
+    return int((progress or {}).get("batches", 0))
 
 
 async def register(runtime: TelemetryRuntime, users: int) -> dict[str, str]:

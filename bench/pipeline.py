@@ -46,8 +46,9 @@ from swamp_app.main import create_app as create_main_app
 from swamp_app.settings import AppSettings
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
-from telemetry_service.collections import EVENTS
+from telemetry_service.collections import EVENTS, MAIN_LINE, PROGRESS
 from telemetry_service.main import create_app as create_telemetry_app
+from telemetry_service.processing.progress import unapplied_filter
 from telemetry_service.settings import TelemetrySettings
 
 REFRESHES = "swamp_club_events"
@@ -120,11 +121,17 @@ async def post(p: Pipeline, request: Request) -> None:
 
 async def settled(p: Pipeline) -> bool:
     """Every event applied and every refresh finished: each score is at its projection."""
-    events = p.observer[p.telemetry.telemetry_db][EVENTS]
-    if await events.count_documents({"processed": False, "dead": {"$ne": True}}, limit=1):
+    db = p.observer[p.telemetry.telemetry_db]
+    if await db[EVENTS].count_documents(await unapplied_filter(db), limit=1):
         return False
     busy = {"status": {"$in": ["pending", "active"]}}
     return not await p.observer[p.app.bus_db][REFRESHES].count_documents(busy, limit=1)
+
+
+async def watcher_batches(p: Pipeline) -> int:
+    """Batches the watcher's main line committed so far (its progress document counts them)."""
+    progress = await p.observer[p.telemetry.telemetry_db][PROGRESS].find_one({"_id": MAIN_LINE})
+    return int((progress or {}).get("batches", 0))
 
 
 async def traffic(
@@ -155,6 +162,7 @@ async def traffic(
                 await until(lambda: settled(p))
                 requests = population.requests(events)
                 measured = {e["insert_id"] for r in requests for e in r.events}
+                batches_before = await watcher_batches(p)
                 counter.reset()
                 started = datetime.now(UTC)
                 ingest_seconds = await send(lambda r: post(p, r), requests, rate=rate)
@@ -163,6 +171,7 @@ async def traffic(
                 by_command = dict(counter.counts.most_common())
             # The services are stopped, their change streams closed: measure from the database.
             run = await measure(p, population, measured, started)
+            run.batches = await watcher_batches(p) - batches_before
             if baseline:
                 stored = observer[telemetry.telemetry_db][EVENTS].find(
                     {"_id": {"$in": sorted(measured)}}
@@ -189,13 +198,11 @@ async def measure(
 
     Which application counts an event: each event adds exactly 1 to its user's
     ``totalInvocations`` (the user whose key it carries, else its device's owner: ownership was
-    settled in the warm-up). The watcher applies a batch in one transaction that marks its
-    events with one ``processedAt`` and writes each affected projection once, so a user's
-    projection at any version holds exactly the user's events of the batches committed so far:
-    a prefix of them in ``processedAt`` order (one watcher applies batches one after another).
-    Giving each event the rank of the end of its batch within its user's events (ties in
-    ``processedAt`` are one batch), the projection counts it as soon as its ``totalInvocations``
-    reaches that rank. The applications are the refresh messages finished without being
+    settled in the warm-up, and every key is known, so no event goes aside). The watcher's main
+    line applies events in arrival order (``seq``) and moves its mark in the same transaction,
+    so a user's projection at any version holds exactly a prefix of the user's events in
+    ``seq`` order: it counts an event as soon as its ``totalInvocations`` reaches the event's
+    rank among the user's events. The applications are the refresh messages finished without being
     superseded whose ``projectionVersion`` is in the user's ``scoreHistory`` (stale ones, never
     applied, are not); the message's ``doneAt`` is written in the transaction that applies the
     score. A score never goes backwards (I9), so the first application at or above the rank is
@@ -206,13 +213,12 @@ async def measure(
     adb, bus = p.observer[p.app.app_db], p.observer[p.app.bus_db]
     user_of_hash = population.user_of_key_hash()
     by_user: dict[str, list[tuple[datetime, datetime, str]]] = defaultdict(list)
-    batches: set[datetime] = set()
-    fields = {"keyHash": 1, "distinctId": 1, "receivedAt": 1, "processedAt": 1}
+    fields = {"keyHash": 1, "distinctId": 1, "receivedAt": 1, "seq": 1, "processed": 1}
     async for e in tdb[EVENTS].find({}, fields):
+        if "processed" in e:
+            raise AssertionError(f"event {e['_id']} went aside: the attribution would be wrong")
         user = user_of_hash[e["keyHash"]] if e.get("keyHash") else population.owner[e["distinctId"]]
-        by_user[user].append((e["processedAt"], e["receivedAt"], e["_id"]))
-        if e["_id"] in measured:
-            batches.add(e["processedAt"])
+        by_user[user].append((e["seq"], e["receivedAt"], e["_id"]))
     applied_versions = {
         s["_id"]: {h["projectionVersion"] for h in s.get("scoreHistory", [])}
         async for s in adb[USER_SCORES].find({}, {"scoreHistory.projectionVersion": 1})
@@ -233,18 +239,15 @@ async def measure(
             raise AssertionError(
                 f"user {user}: {len(rows)} events, last score counts {scores[-1:]}"
             )
-        # Rank at the end of each batch: the count of the user's events processed up to then.
-        rank_at = {processed: i + 1 for i, (processed, _, _) in enumerate(rows)}
         totals = [total for _, total in scores]
-        for processed, received, event_id in rows:
+        for rank, (_, received, event_id) in enumerate(rows, start=1):
             if event_id in measured:
-                first = bisect_left(totals, rank_at[processed])
+                first = bisect_left(totals, rank)
                 lags.append((scores[first][0] - received).total_seconds())
     last = max(done_at for scores in applied.values() for done_at, _ in scores)
     return Run(
         events=len(measured), mix="", seconds=(last - started).total_seconds(), ingest_seconds=0,
-        work=0, get_more=0, by_command={}, lags=lags, applications=applications,
-        batches=len(batches),
+        work=0, get_more=0, by_command={}, lags=lags, applications=applications, batches=0,
     )  # fmt: skip
 
 

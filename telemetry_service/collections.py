@@ -22,6 +22,9 @@ KNOWN_USERS: Final = "known_users"  # userId -> current username and its name-cl
 MIGRATIONS: Final = "migrations"
 COUNTERS: Final = "counters"  # the events' arrival sequence (ingest/arrival.py)
 ARRIVAL_COUNTER: Final = "event_arrival"
+PROGRESS: Final = "ingest_progress"  # the watcher's high-water mark (processing/progress.py)
+MAIN_LINE: Final = "arrival"  # its one document: the main line over the arrival sequence
+ARRIVAL_HOLES: Final = "arrival_holes"  # arrival numbers that will never hold an event
 
 #: leaseUntil of an event no watcher has claimed yet: claimable at once.
 UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -55,24 +58,33 @@ async def find_by_ids(
 
 
 async def ensure_indexes(db: Database) -> None:
-    # The watcher's batch claim walks unprocessed events in arrival order, so the lease is one
-    # range update, not a long $in (and a backlog is never sorted in memory). The _id order
-    # that the previous release claimed in is the client's random event id: gone.
-    if "claim" in await db[EVENTS].index_information():
-        await db[EVENTS].drop_index("claim")
+    # An event is never written after its insert on the watcher's main line: the one index it
+    # needs is its arrival number (processing/progress.py reads above the high-water mark).
+    # Events set aside from the main line (waiting for a key, failing, from an older release)
+    # carry processed=false and are claimed one by one: only they are in the partial indexes.
+    # The _id order that an older release claimed in is the client's random event id: gone,
+    # as is the claim index over every event.
+    indexes = await db[EVENTS].index_information()
+    for retired in ("claim", "claim_arrival"):
+        if retired in indexes:
+            await db[EVENTS].drop_index(retired)
+    aside = {"partialFilterExpression": {"processed": False}}
     await db[EVENTS].create_indexes(
         [
-            IndexModel([("processed", ASCENDING), ("seq", ASCENDING)], name="claim_arrival"),
-            # Unapplied events of a device (only those: the index stays as small as the
-            # backlog): who reached a device without an owner first (watcher, I3).
+            IndexModel([("seq", ASCENDING)], name="arrival"),
+            IndexModel([("processed", ASCENDING), ("seq", ASCENDING)], name="aside", **aside),
+            # Unapplied events of a device set aside: who reached a device without an owner
+            # first (watcher, I3).
             IndexModel(
                 [("distinctId", ASCENDING), ("seq", ASCENDING)],
                 name="unprocessed_by_device",
-                partialFilterExpression={"processed": False},
+                **aside,
             ),
             IndexModel([("claimToken", ASCENDING)], name="claim_token", sparse=True),
         ]
     )
+    # Holes ingest recorded are needed only until the mark passes them.
+    await db[ARRIVAL_HOLES].create_index("at", name="expire", expireAfterSeconds=86_400)
     await db[USER_METRICS].create_indexes(
         [
             IndexModel([("userIds", ASCENDING)], name="user_ids"),
@@ -98,10 +110,20 @@ async def ensure_indexes(db: Database) -> None:
     await db[KNOWN_USERS].create_index("username", name="username")
     # Collections must exist before a transaction writes to them on older servers.
     existing = set(await db.list_collection_names())
-    for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS):
+    for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS, PROGRESS):
         if name not in existing:
             await db.create_collection(name)
     # Created here, once, so requests only ever increment it (never race to create it).
     await db[COUNTERS].update_one(
         {"_id": ARRIVAL_COUNTER}, {"$setOnInsert": {"value": 0}}, upsert=True
     )
+    # The watcher's mark starts at the counter's value when it is first created: events
+    # numbered before it were stored by a release that marked each one processed, and are
+    # applied that way (processing/progress.py).
+    counter = await db[COUNTERS].find_one({"_id": ARRIVAL_COUNTER})
+    await db[PROGRESS].update_one(
+        {"_id": MAIN_LINE},
+        {"$setOnInsert": {"through": int(counter["value"]) if counter else 0, "gaps": [],
+                          "attempts": 0, "batches": 0}},
+        upsert=True,
+    )  # fmt: skip

@@ -16,9 +16,25 @@ class TelemetrySettings(BusSettings):
     max_body_bytes: int = Field(default=1024 * 1024, alias="INGEST_MAX_BODY_BYTES", ge=1024)
     max_events_per_request: int = Field(default=1000, alias="INGEST_MAX_EVENTS", ge=1)
     ingest_batch_size: int = Field(default=500, alias="INGEST_BATCH_SIZE", ge=1, le=10_000)
+    ingest_max_batch_size: int = Field(
+        default=5000,
+        alias="INGEST_MAX_BATCH_SIZE",
+        ge=1,
+        le=50_000,
+        description="The main line's batches double from INGEST_BATCH_SIZE while each one is "
+        "full (a backlog), up to this: fewer, larger transactions and score refreshes.",
+    )
     ingest_lease_seconds: float = Field(default=60.0, alias="INGEST_LEASE_SECONDS", gt=0)
     ingest_poll_interval_seconds: float = Field(
         default=1.0, alias="INGEST_POLL_INTERVAL_SECONDS", gt=0
+    )
+    ingest_gap_wait_seconds: float = Field(
+        default=15.0,
+        alias="INGEST_GAP_WAIT_SECONDS",
+        gt=0,
+        description="How long the watcher waits at an arrival number reserved by a request that "
+        "has not stored its events yet, before applying later events. Longer than "
+        "REQUEST_DB_TIMEOUT_SECONDS, after which no insert of that request can still land.",
     )
     key_resolve_grace_seconds: float = Field(
         default=900.0,

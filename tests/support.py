@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from asgi_lifespan import LifespanManager
@@ -20,6 +21,8 @@ from fastapi import FastAPI
 
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
+from telemetry_service.collections import UNCLAIMED
+from telemetry_service.processing.progress import unapplied_filter
 
 
 class LoggedProcess(subprocess.Popen[str]):
@@ -135,3 +138,32 @@ async def swamp_club_cli(
 
 #: True when the tests run on the embedded server rather than a MONGODB_URI deployment.
 EMBEDDED = not os.environ.get("MONGODB_URI")
+
+
+async def unapplied_events(db: Any) -> int:
+    """Events the watcher has not applied yet, wherever they wait (above its mark or aside)."""
+    return int(await db["events"].count_documents(await unapplied_filter(db)))
+
+
+async def applied_events(db: Any) -> int:
+    return int(await db["events"].count_documents({})) - await unapplied_events(db)
+
+
+async def applied_event_ids(db: Any) -> set[str]:
+    applied = {"$nor": [await unapplied_filter(db)]}
+    return {d["_id"] async for d in db["events"].find(applied, {"_id": 1})}
+
+
+async def stuck_events(db: Any) -> list[dict[str, Any]]:
+    """Unapplied events not set aside as dead: after a drain, those a watcher left behind."""
+    query = {"$and": [await unapplied_filter(db), {"dead": {"$ne": True}}]}
+    return [d async for d in db["events"].find(query)]
+
+
+async def expire_watcher_leases(db: Any) -> None:
+    """As if every watcher's lease ran out: the main line's and those of events aside (not the
+    backoff of events set aside as dead)."""
+    await db["events"].update_many(
+        {"processed": False, "dead": {"$ne": True}}, {"$set": {"leaseUntil": UNCLAIMED}}
+    )
+    await db["ingest_progress"].update_many({}, {"$set": {"leaseUntil": UNCLAIMED}})

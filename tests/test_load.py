@@ -19,7 +19,7 @@ from shared_contracts.messages import ApiKeyIssued, UserRegistered
 from telemetry_service.main import create_app
 from telemetry_service.runtime import TelemetryRuntime
 from telemetry_service.settings import TelemetrySettings
-from tests.support import eventually, uvicorn_client
+from tests.support import eventually, unapplied_events, uvicorn_client
 from tests.telemetry.conftest import cli_event
 
 CLIENTS = 50
@@ -89,7 +89,7 @@ async def test_load_then_conservation(telemetry_settings: TelemetrySettings) -> 
         )
 
         async def drained() -> bool:
-            return await runtime.db.events.count_documents({"processed": False}) == 0
+            return await unapplied_events(runtime.db) == 0
 
         # The backlog drains at the watcher's pace (hundreds of events/s on the embedded server).
         await eventually(drained, within=120 + accepted / 50, interval=0.5)

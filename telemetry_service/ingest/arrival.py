@@ -2,17 +2,26 @@
 stored. The watcher claims in this order and a device's owner is decided by it (I3, I11):
 never by the client's event id or clock.
 
-One ``$inc`` per request reserves a range for all its events. A range whose insert then fails
-(or whose events were duplicates) leaves a gap, which nothing relies on: the watcher only sorts
-by the number.
+One ``$inc`` per request reserves a range for all its events, then the events are inserted. The
+watcher's mark does not pass a number still being inserted (processing/progress.py); numbers
+that will never hold an event (a re-sent duplicate's, an insert that failed) are recorded here
+as holes, so it need not wait for them.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from pymongo import ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from telemetry_service.collections import ARRIVAL_COUNTER, COUNTERS, EVENTS, Database
+from telemetry_service.collections import (
+    ARRIVAL_COUNTER,
+    ARRIVAL_HOLES,
+    COUNTERS,
+    EVENTS,
+    Database,
+)
 
 
 async def reserve(db: Database, count: int, *, tries: int = 5) -> int:
@@ -29,6 +38,13 @@ async def reserve(db: Database, count: int, *, tries: int = 5) -> int:
         if counter is not None:
             return int(counter["value"]) - count + 1
     raise RuntimeError(f"the arrival counter answered nothing {tries} times")
+
+
+async def record_holes(db: Database, numbers: list[int]) -> None:
+    """These reserved numbers will never hold an event."""
+    if numbers:
+        now = datetime.now(UTC)
+        await db[ARRIVAL_HOLES].insert_many([{"_id": n, "at": now} for n in numbers], ordered=False)
 
 
 async def number_unsequenced(db: Database, *, session: AsyncClientSession | None = None) -> int:

@@ -21,7 +21,7 @@ from shared_contracts import failpoints
 from shared_contracts.api_errors import error_responses
 from shared_contracts.keys import api_key_hash, presented_key
 from telemetry_service import counters
-from telemetry_service.collections import EVENTS, UNCLAIMED
+from telemetry_service.collections import EVENTS
 from telemetry_service.deps import RuntimeDep
 from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge, Unauthorized
 from telemetry_service.ingest import arrival
@@ -148,8 +148,6 @@ async def store(
                 "distinctId": event.distinct_id,
                 "keyHash": key_hash,
                 "receivedAt": now,
-                "processed": False,
-                "leaseUntil": UNCLAIMED,
             },
         )
     within_request = len(parsed) - len(documents)
@@ -158,11 +156,14 @@ async def store(
     first = await arrival.reserve(runtime.db, len(documents))
     for position, document in enumerate(documents.values()):
         document["seq"] = first + position
+    stored = list(documents.values())
     try:
-        result = await runtime.db[EVENTS].insert_many(list(documents.values()), ordered=False)
+        result = await runtime.db[EVENTS].insert_many(stored, ordered=False)
         return len(result.inserted_ids), within_request
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors", [])
+        # Numbers that will never hold an event: the watcher need not wait for them.
+        await arrival.record_holes(runtime.db, [stored[e["index"]]["seq"] for e in errors])
         if any(e.get("code") != DUPLICATE_KEY for e in errors):
             raise
         return exc.details.get("nInserted", 0), within_request + len(errors)

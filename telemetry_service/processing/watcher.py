@@ -1,16 +1,24 @@
 """The ingest watcher: applies batches of raw events exactly once (I2).
 
-A batch is leased (several watcher replicas are safe), then applied in ONE transaction:
+Two lines feed it. The main line reads events in arrival order above a high-water mark
+(processing/progress.py): no event is written after its insert, the mark moves in the batch's
+transaction. Events the main line cannot apply now are moved aside (``processed: false``) and
+claimed one batch at a time with a per-event lease: those waiting for their key, those behind
+them on a device without an owner, those of a batch that failed (isolated there by splitting,
+I11), and those stored by an older release.
+
+A batch is applied in ONE transaction:
 1. each event's key is resolved now, not when it arrived (I10): key hash -> userId. A key
-   telemetry does not know yet waits (that event alone, retried shortly, for up to
+   telemetry does not know yet waits (that event alone, aside, retried shortly, for up to
    KEY_RESOLVE_GRACE_SECONDS); a revoked key, or one still unknown after that, counts as no key;
 2. device buckets and ownership (devices/, I3);
 3. the devices of each user (identity/);
 4. the projection of every affected user through the projection writer (which publishes the
    refreshes, I1);
-5. marking the events processed, filtered on our claim token. If our lease was lost meanwhile,
-   that step matches fewer events and the whole transaction aborts, so nothing is ever counted
-   twice, wherever a worker dies.
+5. the batch's progress: the main line's mark, conditioned on the mark it read, or the aside
+   events marked processed, filtered on the claim token. If another worker got there first, that
+   step matches nothing and the whole transaction aborts, so nothing is ever counted twice,
+   wherever a worker dies.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, PyMongoError, WTimeoutError
@@ -34,7 +42,7 @@ from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
 from telemetry_service import counters
-from telemetry_service.collections import EVENTS
+from telemetry_service.collections import EVENTS, MAX_IN_IDS, UNCLAIMED
 from telemetry_service.devices.store import (
     AttributedEvent,
     DeviceWrite,
@@ -46,6 +54,7 @@ from telemetry_service.identity.models import KnownKey
 from telemetry_service.identity.store import bind_devices
 from telemetry_service.ingest.arrival import number_unsequenced
 from telemetry_service.ingest.schemas import CliEvent
+from telemetry_service.processing import progress as main_line
 from telemetry_service.projection.writer import write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -156,6 +165,12 @@ def behind_a_waiting_key(split: Attribution, owners: dict[str, str]) -> set[str]
     }
 
 
+class Finish(Protocol):
+    """The last write of a batch's transaction: records its progress, or raises LeaseLost."""
+
+    async def __call__(self, session: AsyncClientSession, ready: list[AttributedEvent]) -> None: ...
+
+
 class IngestWatcher:
     def __init__(self, runtime: TelemetryRuntime, *, worker: str | None = None) -> None:
         self.runtime = runtime
@@ -170,6 +185,12 @@ class IngestWatcher:
             use_change_streams=self.settings.queue_change_streams,
         )
         self._stopping = asyncio.Event()
+        #: Holes in the arrival sequence (by first number) -> when this worker first saw them.
+        self._holes_seen: dict[int, float] = {}
+        #: The main line's next batch size: doubles while batches come back full (adaptive).
+        self._batch_limit = self.settings.ingest_batch_size
+        #: When events aside were last looked for (the main line looks every batch).
+        self._aside_looked = -float("inf")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -181,9 +202,9 @@ class IngestWatcher:
             while not self._stopping.is_set():
                 self.wakeup.clear()
                 try:
-                    handled = await self.process_one_batch()
+                    handled = await self.process_one_batch(aside_always=False)
                 except Exception:
-                    log.exception("ingest batch failed; its events are retried after their lease")
+                    log.exception("ingest batch failed; its events are retried")
                     counters.BATCHES.labels("failed").inc()
                     handled = 0
                 if not handled:
@@ -191,6 +212,10 @@ class IngestWatcher:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            try:
+                await main_line.let_go(self.runtime.db, owner=self.worker)
+            except PyMongoError:  # the database is away: the lease simply runs out
+                log.warning("could not let go of the main line; it is free after its lease")
 
     async def drain(self) -> int:
         """Apply batches until none is left (tests, the CLI, shutdown hooks)."""
@@ -199,10 +224,151 @@ class IngestWatcher:
             total += handled
         return total
 
-    # --- one batch -----------------------------------------------------------------------
+    async def process_one_batch(self, *, aside_always: bool = True) -> int:
+        """One batch of the events aside (unless ``aside_always`` is off and they were looked
+        at less than a poll interval ago), then one of the main line."""
+        handled = 0
+        if aside_always or self._aside_due():
+            handled += await self._aside_pass()
+        handled += await self.main_line_batch()
+        if self._aside_due():  # the main line just moved events aside
+            handled += await self._aside_pass()
+        return handled
+
+    async def _aside_pass(self) -> int:
+        """Aside first: those events arrived earlier than any above the mark."""
+        self._aside_looked = time.monotonic()
+        return await self.aside_batch()
+
+    def _aside_due(self) -> bool:
+        """Events aside wait for a retry time: looking once per poll interval is enough while
+        the main line is busy (a query per batch saved), and always when it is idle."""
+        return time.monotonic() - self._aside_looked >= self.settings.ingest_poll_interval_seconds
+
+    # --- the main line: events above the high-water mark ---------------------------------
+
+    async def main_line_batch(self) -> int:
+        db = self.runtime.db
+        lease = self.settings.ingest_lease_seconds
+        read = await main_line.lease(db, owner=self.worker, seconds=lease)
+        if read is None:  # another replica applies the main line now
+            return 0
+        documents = await main_line.above_mark(db, read, limit=self._batch_limit)
+        self._batch_limit = self._next_batch_limit(len(documents))
+        verdicts = await self._hole_verdicts(read, documents)
+        step = main_line.step(
+            read, documents, hole_ready=lambda *h: verdicts.get(h), now=datetime.now(UTC)
+        )
+        if not step.take:
+            await main_line.release(db, owner=self.worker)
+            if step.waiting_at is not None:
+                counters.BATCHES.labels("waiting_at_gap").inc()
+            return 0
+        self._holes_seen = {n: t for n, t in self._holes_seen.items() if n > step.to.through}
+        # Events aside (an older release's, or moved there) are applied by the aside claim.
+        mine = [d for d in step.take if "processed" not in d]
+        if read.attempts > SPLIT_AFTER_ATTEMPTS:
+            # Earlier attempts at this batch died without an error (a worker killed while
+            # applying it): aside, each event has its own attempts and failures are isolated.
+            log.warning("main line: batch at %d died %d times; moved aside",
+                        read.through, read.attempts - 1)  # fmt: skip
+            await self._move_aside(read, step.to, mine, attempts=read.attempts - 1)
+            return 0  # the aside claim, due at once, applies them
+        batch = await self._readable(mine)
+        finish = self._advance(read, step.to)
+
+        async def renew() -> None:
+            await main_line.renew(db, owner=self.worker, seconds=lease)
+
+        try:
+            await self._apply(batch, finish=finish, renew=renew)
+        except LeaseLost:
+            counters.BATCHES.labels("lease_lost").inc()
+            log.warning("main line batch at %d: another worker moved the mark", read.through)
+        except Exception as exc:
+            if not events_fault(exc):
+                raise
+            # Something in the batch fails it: aside, it is split until the events at fault
+            # are alone (I11); everyone else is applied in the next pass.
+            log.warning("main line batch at %d failed (%s); moved aside to isolate it",
+                        read.through, describe(exc))  # fmt: skip
+            await self._move_aside(read, step.to, mine, attempts=0)
+            return 0
+        return len(step.take)
+
+    def _next_batch_limit(self, read: int) -> int:
+        """A full batch means a backlog: the next one doubles (fewer transactions, and one
+        score refresh per user per batch); a partial one, caught up: back to the base size."""
+        base, most = self.settings.ingest_batch_size, self.settings.ingest_max_batch_size
+        return min(self._batch_limit * 2, max(most, base)) if read >= self._batch_limit else base
+
+    async def _hole_verdicts(
+        self, read: main_line.Progress, documents: list[dict[str, Any]]
+    ) -> dict[tuple[int, int], main_line.HoleVerdict]:
+        """Holes above the mark the batch may pass now: every number in them recorded by
+        ingest as never to be stored, or the hole older than INGEST_GAP_WAIT_SECONDS."""
+        holes, previous = [], read.through
+        for document in documents:
+            seq = int(document["seq"])
+            if seq > previous + 1:
+                holes.append((previous + 1, seq - 1))
+            previous = max(previous, seq)
+        if not holes:
+            return {}
+        known = await main_line.known_holes(self.runtime.db, holes[0][0], holes[-1][1])
+        now, wait = time.monotonic(), self.settings.ingest_gap_wait_seconds
+        verdicts: dict[tuple[int, int], main_line.HoleVerdict] = {}
+        for first, last in holes:
+            seen = self._holes_seen.setdefault(first, now)
+            if all(n in known for n in range(first, last + 1)):
+                verdicts[first, last] = "never_fills"
+            elif now - seen >= wait:
+                verdicts[first, last] = "old"
+        return verdicts
+
+    def _advance(self, read: main_line.Progress, to: main_line.Progress) -> Finish:
+        async def finish(session: AsyncClientSession, ready: list[AttributedEvent]) -> None:
+            if not await main_line.advance(
+                self.runtime.db, owner=self.worker, read=read, to=to, session=session
+            ):
+                raise LeaseLost("another worker moved the main line's mark")
+
+        return finish
+
+    async def _move_aside(
+        self,
+        read: main_line.Progress,
+        to: main_line.Progress,
+        documents: list[dict[str, Any]],
+        *,
+        attempts: int,
+    ) -> None:
+        """Hand the batch's events to the aside claim and move the mark past them, at once."""
+
+        async def move(session: AsyncClientSession) -> None:
+            ids = [d["_id"] for d in documents]
+            for start in range(0, len(ids), MAX_IN_IDS):
+                await self.events.update_many(
+                    {"_id": {"$in": ids[start : start + MAX_IN_IDS]},
+                     "processed": {"$exists": False}},
+                    {"$set": {"processed": False, "leaseUntil": UNCLAIMED,
+                              "attempts": attempts}},
+                    session=session,
+                )  # fmt: skip
+            await self._advance(read, to)(session, [])
+
+        try:
+            await in_transaction(self.runtime.client, move)
+        except LeaseLost:
+            counters.BATCHES.labels("lease_lost").inc()
+            return
+        counters.BATCHES.labels("moved_aside").inc()
+        self._aside_looked = -float("inf")  # look for them in this very pass
+
+    # --- events aside: claimed one batch at a time ---------------------------------------
 
     async def claim_batch(self) -> tuple[str, list[dict[str, Any]]]:
-        """Lease up to a batch of unprocessed events in arrival order: three commands, whatever
+        """Lease up to a batch of events aside in arrival order: three commands, whatever
         the batch size. When the first one's claims already died twice without applying it (a
         worker killed while applying it, again and again), it is claimed alone: a crash loop
         then costs attempts to that event only, never to the events claimed with it."""
@@ -230,7 +396,7 @@ class IngestWatcher:
         claimed = await self.events.find({"claimToken": token, "processed": False}).to_list()
         return token, claimed
 
-    async def process_one_batch(self) -> int:
+    async def aside_batch(self) -> int:
         token, documents = await self.claim_batch()
         if not documents:
             return 0
@@ -251,20 +417,49 @@ class IngestWatcher:
             raise
         return len(documents)
 
+    async def _apply(
+        self,
+        batch: list[StoredEvent],
+        *,
+        finish: Finish,
+        renew: Any,
+        deferred_attempts: Literal["kept", "given_back"] = "kept",
+    ) -> None:
+        """Apply ``batch`` in one transaction. The lease is renewed before each retry of it (a
+        write conflict), so a batch that takes long in total is not taken over by another
+        replica; never while a transaction runs, and never on the first attempt (the lease was
+        just taken)."""
+        started = time.perf_counter()
+        tries = 0
+
+        async def apply(session: AsyncClientSession) -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                await renew()
+            await self.apply_batch(session, batch, finish=finish, deferred=deferred_attempts)
+
+        await in_transaction(self.runtime.client, apply)
+        counters.BATCHES.labels("applied").inc()
+        counters.BATCH_SECONDS.observe(time.perf_counter() - started)
+        counters.EVENTS_PROCESSED.inc(len(batch))
+
     async def _apply_isolating(
         self, token: str, batch: list[StoredEvent], attempts: dict[str, int], *, whole: bool
     ) -> None:
         """Apply the batch in one transaction; if it fails because of what is in it, split it
         in halves until the failing events are alone (I11): only they wait for a retry or are
         set aside, every other event is applied in this same pass."""
-        started = time.perf_counter()
 
-        async def apply(session: AsyncClientSession) -> None:
+        async def renew() -> None:
             await self._renew_lease(token)
-            await self.apply_batch(session, token, batch, whole=whole)
 
         try:
-            await in_transaction(self.runtime.client, apply)
+            await renew()  # each part of a split batch
+            await self._apply(
+                batch, finish=self._mark_processed(token, whole=whole), renew=renew,
+                deferred_attempts="given_back",
+            )  # fmt: skip
         except Exception as exc:
             # A failure that blames no event (a timeout, a crash) is retried as a whole claim;
             # when the same events' claims already died, it may well be one of them after all.
@@ -278,10 +473,24 @@ class IngestWatcher:
             half = len(batch) // 2
             await self._apply_isolating(token, batch[:half], attempts, whole=False)
             await self._apply_isolating(token, batch[half:], attempts, whole=False)
-            return
-        counters.BATCHES.labels("applied").inc()
-        counters.BATCH_SECONDS.observe(time.perf_counter() - started)
-        counters.EVENTS_PROCESSED.inc(len(batch))
+
+    def _mark_processed(self, token: str, *, whole: bool) -> Finish:
+        """``whole``: the batch is every event still claimed by ``token``; else a part of it,
+        split off to isolate a failure (then it is marked by id)."""
+
+        async def finish(session: AsyncClientSession, ready: list[AttributedEvent]) -> None:
+            mine: dict[str, Any] = {"claimToken": token, "processed": False}
+            if not whole:
+                mine["_id"] = {"$in": [e.id for e in ready]}
+            marked = await self.events.update_many(
+                mine,
+                {"$set": {"processed": True, "processedAt": datetime.now(UTC)}},
+                session=session,
+            )
+            if marked.modified_count != len(ready):
+                raise LeaseLost(f"{len(ready) - marked.modified_count} events were taken over")
+
+        return finish
 
     async def _readable(self, documents: list[dict[str, Any]]) -> list[StoredEvent]:
         """Stored events that cannot be read back as CLI events (stored by an older release
@@ -331,6 +540,7 @@ class IngestWatcher:
             {"_id": event_id, **owned},
             {
                 "$set": {
+                    "processed": False,  # aside, if it was on the main line
                     "dead": True,
                     "leaseUntil": PARKED,
                     "lastError": reason,
@@ -375,13 +585,13 @@ class IngestWatcher:
     async def apply_batch(
         self,
         session: AsyncClientSession,
-        token: str,
         batch: list[StoredEvent],
         *,
-        whole: bool = True,
+        finish: Finish,
+        deferred: Literal["kept", "given_back"],
     ) -> None:
-        """``whole``: the batch is every event still claimed by ``token``; else a part of it,
-        split off to isolate a failure (then it is marked by id)."""
+        """Steps 1-5 of the module docstring. ``deferred``: whether the events that must wait
+        give back the attempt their claim counted (aside) or have none to give (main line)."""
         db = self.runtime.db
         keys = await known_keys(db, {e.key_hash for e in batch if e.key_hash}, session=session)
         split = attribute(
@@ -394,7 +604,7 @@ class IngestWatcher:
         held = behind_a_waiting_key(split, owners)
         held |= await self._behind_earlier_keyed_events(split.ready, owners, batch, session)
         ready = [e for e in split.ready if e.id not in held]
-        await self._defer([e.id for e in split.waiting] + sorted(held), session)
+        await self._defer([e.id for e in split.waiting] + sorted(held), session, deferred)
         written = await apply_events(db, ready, owners=owners, session=session)
         failpoints.hit(AFTER_METRICS_WRITE)
 
@@ -412,17 +622,7 @@ class IngestWatcher:
             events_received_at=max((e.received_at for e in ready), default=None),
         )
         failpoints.hit(BEFORE_MARK_PROCESSED)
-
-        mine: dict[str, Any] = {"claimToken": token, "processed": False}
-        if not whole:
-            mine["_id"] = {"$in": [e.id for e in ready]}
-        marked = await self.events.update_many(
-            mine,
-            {"$set": {"processed": True, "processedAt": datetime.now(UTC)}},
-            session=session,
-        )
-        if marked.modified_count != len(ready):
-            raise LeaseLost(f"{len(ready) - marked.modified_count} events were taken over")
+        await finish(session, ready)
         await self._record_unattributed(
             {i: why for i, why in split.unattributed.items() if i not in held}, session
         )
@@ -463,21 +663,30 @@ class IngestWatcher:
             )
         return {e.id for e in candidates if e.arrival > first.get(e.device, e.arrival)}
 
-    async def _defer(self, waiting: list[str], session: AsyncClientSession) -> None:
-        """Events whose key is not known yet go back, unclaimed, to be looked at again shortly.
-        Waiting is not failing: the attempt is given back."""
+    async def _defer(
+        self,
+        waiting: list[str],
+        session: AsyncClientSession,
+        attempts: Literal["kept", "given_back"],
+    ) -> None:
+        """Events whose key is not known yet (and those behind them) go aside, unclaimed, to be
+        looked at again shortly. Waiting is not failing: a claim's attempt is given back."""
         if not waiting:
             return
         retry_at = datetime.now(UTC) + timedelta(seconds=self.settings.key_resolve_retry_seconds)
-        await self.events.update_many(
-            {"_id": {"$in": waiting}},
-            {
-                "$set": {"leaseUntil": retry_at},
-                "$unset": {"claimToken": ""},
-                "$inc": {"attempts": -1},
-            },
-            session=session,
+        count: dict[str, Any] = (
+            {"$inc": {"attempts": -1}} if attempts == "given_back" else {"$set": {"attempts": 0}}
         )
+        for start in range(0, len(waiting), MAX_IN_IDS):
+            await self.events.update_many(
+                {"_id": {"$in": waiting[start : start + MAX_IN_IDS]}},
+                {
+                    "$set": {"processed": False, "leaseUntil": retry_at, **count.get("$set", {})},
+                    "$unset": {"claimToken": ""},
+                    **({"$inc": count["$inc"]} if "$inc" in count else {}),
+                },
+                session=session,
+            )
 
     async def _record_unattributed(
         self, unattributed: dict[str, str], session: AsyncClientSession

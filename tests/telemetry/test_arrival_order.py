@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from telemetry_service.collections import EVENTS
+from telemetry_service.collections import EVENTS, UNCLAIMED
 from telemetry_service.ingest.arrival import number_unsequenced
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
+from tests.support import applied_event_ids, unapplied_events
 from tests.telemetry.conftest import Telemetry, cli_event
 
 
@@ -26,8 +27,8 @@ async def test_claims_follow_arrival_not_the_clients_event_id(telemetry: Telemet
     applied = []
     for _ in ids:
         await watcher.process_one_batch()
-        done = await telemetry.runtime.db[EVENTS].find({"processed": True}).to_list()
-        applied.append(next(e["_id"] for e in done if e["_id"] not in applied))
+        done = await applied_event_ids(telemetry.runtime.db)
+        applied.append(next(e for e in done if e not in applied))
     assert applied == ids
 
 
@@ -60,7 +61,13 @@ async def test_events_stored_before_the_sequence_are_numbered_first_in_receipt_o
     events = telemetry.runtime.db[EVENTS]
     (new,) = await events.find().to_list()
     old = [
-        {**new, "_id": f"old-{i}", "receivedAt": new["receivedAt"].replace(year=2025, month=i)}
+        {
+            **new,
+            "_id": f"old-{i}",
+            "receivedAt": new["receivedAt"].replace(year=2025, month=i),
+            "processed": False,
+            "leaseUntil": UNCLAIMED,
+        }
         for i in (3, 1, 2)
     ]
     for document in old:
@@ -71,4 +78,4 @@ async def test_events_stored_before_the_sequence_are_numbered_first_in_receipt_o
     numbered = await events.find({}, sort=[("seq", 1)]).to_list()
     assert [e["_id"] for e in numbered] == ["old-1", "old-2", "old-3", new["_id"]]
     await telemetry.drain()
-    assert await events.count_documents({"processed": False}) == 0
+    assert await unapplied_events(telemetry.runtime.db) == 0

@@ -26,6 +26,7 @@ from telemetry_service.devices.buckets import (
     seen_at,
 )
 from telemetry_service.ingest.schemas import MAX_DURATION_MS, CliEvent
+from tests.support import unapplied_events
 from tests.telemetry.conftest import CLI_EVENT, Telemetry, cli_event
 
 INT64_MAX = 2**63 - 1
@@ -156,7 +157,7 @@ async def test_accepted_extremes_are_all_applied_with_an_innocent_batch(
     await telemetry.drain()
     after = datetime.now(UTC)
     events = telemetry.runtime.db[EVENTS]
-    assert await events.count_documents({"processed": False}) == 0
+    assert await unapplied_events(events.database) == 0
     assert await events.count_documents({"dead": True}) == 0
     stats = await telemetry.stats("bystander")
     assert stats["totalInvocations"] == 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -17,9 +18,11 @@ from telemetry_service.collections import (
     UNCLAIMED,
     USERNAME_METRICS,
 )
+from telemetry_service.processing import progress as main_line
 from telemetry_service.processing import watcher as watcher_module
-from telemetry_service.processing.watcher import IngestWatcher
+from telemetry_service.processing.watcher import IngestWatcher, StoredEvent
 from telemetry_service.projection.verify import find_drift, verify
+from tests.support import expire_watcher_leases, unapplied_events
 from tests.telemetry.conftest import Telemetry, cli_event
 
 
@@ -30,7 +33,7 @@ def no_failpoints() -> Iterator[None]:
 
 
 async def unprocessed(telemetry: Telemetry) -> int:
-    return await telemetry.runtime.db[EVENTS].count_documents({"processed": False})
+    return await unapplied_events(telemetry.runtime.db)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +56,7 @@ async def test_a_crash_at_any_step_counts_every_event_exactly_once(
     assert await unprocessed(telemetry) == 8  # the transaction rolled everything back
     assert (await telemetry.stats("kate"))["totalInvocations"] == 0
     # The crashed worker's lease expires; a fresh worker takes the batch over.
-    await telemetry.runtime.db[EVENTS].update_many({}, {"$set": {"leaseUntil": UNCLAIMED}})
+    await expire_watcher_leases(telemetry.runtime.db)
     await IngestWatcher(telemetry.runtime).drain()
     assert (await telemetry.stats("kate"))["totalInvocations"] == 5
     assert await find_drift(telemetry.runtime.db) == []
@@ -62,18 +65,44 @@ async def test_a_crash_at_any_step_counts_every_event_exactly_once(
 async def test_a_worker_that_lost_its_lease_cannot_commit(telemetry: Telemetry) -> None:
     _, key = await telemetry.register("liam")
     await telemetry.post({"events": [cli_event("l1") for _ in range(4)]}, key)
-    slow = IngestWatcher(telemetry.runtime)
-    token, documents = await slow.claim_batch()
-    # Lease expires; another worker claims and applies the same events.
-    await telemetry.runtime.db[EVENTS].update_many({}, {"$set": {"leaseUntil": UNCLAIMED}})
+    db = telemetry.runtime.db
+    slow = IngestWatcher(telemetry.runtime, worker="slow")
+    read = await main_line.lease(db, owner="slow", seconds=60)
+    assert read is not None
+    documents = await main_line.above_mark(db, read, limit=500)
+    step = main_line.step(read, documents, hole_ready=lambda *_: "old", now=datetime.now(UTC))
+    # Its lease expires; another worker takes the main line and applies the same events.
+    await expire_watcher_leases(db)
     await IngestWatcher(telemetry.runtime).drain()
-    from telemetry_service.processing.watcher import StoredEvent
-
-    batch = [StoredEvent.from_document(d) for d in documents]
+    batch = [StoredEvent.from_document(d) for d in step.take]
+    finish = slow._advance(read, step.to)
     with pytest.raises(watcher_module.LeaseLost):
         async with telemetry.runtime.client.start_session() as session:
-            await session.with_transaction(lambda s: slow.apply_batch(s, token, batch))
+            await session.with_transaction(
+                lambda s: slow.apply_batch(s, batch, finish=finish, deferred="kept")
+            )
     assert (await telemetry.stats("liam"))["totalInvocations"] == 4
+
+
+async def test_a_worker_that_lost_its_claim_on_events_aside_cannot_commit(
+    telemetry: Telemetry,
+) -> None:
+    _, key = await telemetry.register("lily")
+    await telemetry.post({"events": [cli_event("l2") for _ in range(4)]}, key)
+    db = telemetry.runtime.db
+    await db[EVENTS].update_many({}, {"$set": {"processed": False, "leaseUntil": UNCLAIMED}})
+    slow = IngestWatcher(telemetry.runtime)
+    token, documents = await slow.claim_batch()
+    await expire_watcher_leases(db)
+    await IngestWatcher(telemetry.runtime).drain()
+    batch = [StoredEvent.from_document(d) for d in documents]
+    finish = slow._mark_processed(token, whole=True)
+    with pytest.raises(watcher_module.LeaseLost):
+        async with telemetry.runtime.client.start_session() as session:
+            await session.with_transaction(
+                lambda s: slow.apply_batch(s, batch, finish=finish, deferred="given_back")
+            )
+    assert (await telemetry.stats("lily"))["totalInvocations"] == 4
 
 
 async def test_three_watcher_replicas_process_5000_events_once(telemetry: Telemetry) -> None:
@@ -166,7 +195,10 @@ async def test_events_that_keep_failing_are_set_aside_not_lost(telemetry: Teleme
     events = telemetry.runtime.db[EVENTS]
     poison = (await events.find_one({}))["_id"]
     limit = telemetry.runtime.settings.queue_max_attempts
-    await events.update_one({"_id": poison}, {"$set": {"attempts": limit}})  # failed `limit` times
+    # Aside, claimed `limit` times already (its workers kept dying).
+    await events.update_one(
+        {"_id": poison}, {"$set": {"processed": False, "leaseUntil": UNCLAIMED, "attempts": limit}}
+    )
     await telemetry.drain()
     kept = await events.find_one({"_id": poison})
     assert (kept["processed"], kept["dead"]) == (False, True)  # kept for an operator, not counted

@@ -1,0 +1,347 @@
+"""The watcher's main line: a high-water mark over the arrival sequence (processing/progress.py).
+
+No event is written after its insert; the mark moves in the batch's transaction; it waits at a
+number still being inserted, skips holes that can never fill at once, and applies events that
+land late in a hole it skipped, exactly once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymongo import monitoring
+
+from shared_contracts import failpoints
+from telemetry_service.collections import EVENTS, PROGRESS
+from telemetry_service.ingest import arrival
+from telemetry_service.processing import progress as main_line
+from telemetry_service.processing import watcher as watcher_module
+from telemetry_service.processing.watcher import IngestWatcher
+from telemetry_service.runtime import TelemetryRuntime
+from tests.support import applied_events, expire_watcher_leases, unapplied_events
+from tests.telemetry.conftest import Telemetry, cli_event
+
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
+
+
+def replica(telemetry: Telemetry, **overrides: Any) -> IngestWatcher:
+    settings_ = telemetry.runtime.settings.model_copy(update=overrides)
+    return IngestWatcher(TelemetryRuntime(settings=settings_, client=telemetry.runtime.client))
+
+
+async def reserve_without_inserting(telemetry: Telemetry, count: int) -> int:
+    """A request that reserved its numbers and has not inserted yet (or never will)."""
+    return await arrival.reserve(telemetry.runtime.db, count)
+
+
+async def insert_late(telemetry: Telemetry, first: int, device: str, count: int) -> None:
+    """That request's insert lands now, as POST /ingest stores it."""
+    documents = []
+    for n in range(count):
+        event = cli_event(device)
+        documents.append(
+            {"_id": event["insert_id"], "raw": event, "distinctId": device, "keyHash": None,
+             "receivedAt": datetime.now(UTC), "seq": first + n}
+        )  # fmt: skip
+    await telemetry.runtime.db[EVENTS].insert_many(documents)
+
+
+async def mark(telemetry: Telemetry) -> main_line.Progress:
+    document = await telemetry.runtime.db[PROGRESS].find_one({"_id": "arrival"})
+    return main_line.Progress.from_document(document)
+
+
+async def anonymous(telemetry: Telemetry, device: str) -> int:
+    return int((await telemetry.device(device)).json()["anonymous"]["invocations"])
+
+
+class EventWrites(monitoring.CommandListener):
+    """Writes to the events collection, by command."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        writes = event.command_name in {"update", "findAndModify", "delete"}
+        if writes and event.command.get(event.command_name) == EVENTS:
+            self.commands.append(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_applied_events_are_never_written_again(telemetry: Telemetry) -> None:
+    """The point of the mark: an event is written once, by its insert."""
+    _, key = await telemetry.register("wendy")
+    await telemetry.post({"events": [cli_event("w1") for _ in range(20)]}, key)
+    await telemetry.post({"events": [cli_event("w2") for _ in range(5)]})
+    before = {d["_id"]: d async for d in telemetry.runtime.db[EVENTS].find()}
+    writes = EventWrites()
+    monitoring.register(writes)
+    try:
+        await telemetry.drain()
+    finally:
+        monitoring._LISTENERS.command_listeners.remove(writes)  # no public unregister
+    assert writes.commands == []
+    after = {d["_id"]: d async for d in telemetry.runtime.db[EVENTS].find()}
+    assert after == before
+    assert (await telemetry.stats("wendy"))["totalInvocations"] == 20
+    progress = await mark(telemetry)
+    assert progress.through == max(d["seq"] for d in after.values())
+    assert progress.gaps == []
+
+
+async def test_a_resent_duplicate_leaves_a_known_hole_the_mark_passes_at_once(
+    telemetry: Telemetry,
+) -> None:
+    first, again = cli_event("dup-dev"), cli_event("dup-dev")
+    await telemetry.post({"events": [first, again]})
+    resent = await telemetry.post({"events": [first, cli_event("dup-dev")]})  # one duplicate
+    assert resent.json() == {"accepted": 1, "duplicates": 1}
+    await telemetry.post(cli_event("dup-dev"))
+    await telemetry.watcher.drain()  # the gap wait is 15 s: no waiting here
+    assert await anonymous(telemetry, "dup-dev") == 4
+    assert await unapplied_events(telemetry.runtime.db) == 0
+    assert (await mark(telemetry)).gaps == []  # known never to fill: nothing to look at later
+
+
+async def test_the_mark_waits_at_a_number_still_being_inserted(telemetry: Telemetry) -> None:
+    await telemetry.post(cli_event("slow-dev"))
+    slow = await reserve_without_inserting(telemetry, 2)
+    await telemetry.post(cli_event("slow-dev"))  # a later request, stored first
+    await telemetry.watcher.drain()
+    assert await anonymous(telemetry, "slow-dev") == 1  # only the one before the hole
+    assert (await mark(telemetry)).through == slow - 1
+    await insert_late(telemetry, slow, "slow-dev", 2)
+    await telemetry.watcher.drain()
+    assert await anonymous(telemetry, "slow-dev") == 4
+    assert await unapplied_events(telemetry.runtime.db) == 0
+
+
+async def test_a_hole_older_than_the_gap_wait_is_skipped_and_a_late_event_still_counts(
+    telemetry: Telemetry,
+) -> None:
+    """A request that reserved and then died (or hangs) does not stop the main line for longer
+    than INGEST_GAP_WAIT_SECONDS; if its insert lands after all, its events are applied then,
+    once, and leave the remembered gap."""
+    hole = await reserve_without_inserting(telemetry, 3)
+    await telemetry.post(cli_event("gap-dev"))
+    impatient = replica(telemetry, ingest_gap_wait_seconds=0.001)
+    await impatient.drain()  # first sight of the hole
+    await impatient.drain()  # older than the wait now: skipped
+    assert await anonymous(telemetry, "gap-dev") == 1
+    progress = await mark(telemetry)
+    assert [(g.first, g.last) for g in progress.gaps] == [(hole, hole + 2)]
+    await insert_late(telemetry, hole + 1, "gap-dev", 1)  # the middle one lands late
+    await impatient.drain()
+    await impatient.drain()
+    assert await anonymous(telemetry, "gap-dev") == 2
+    progress = await mark(telemetry)
+    assert [(g.first, g.last) for g in progress.gaps] == [(hole, hole), (hole + 2, hole + 2)]
+    assert await unapplied_events(telemetry.runtime.db) == 0
+
+
+def test_a_remembered_gap_is_forgotten_after_gap_keep() -> None:
+    progress = main_line.Progress(10, [main_line.Gap(3, 4, NOW - main_line.GAP_KEEP)])
+    step = main_line.step(progress, [{"seq": 11}], hole_ready=lambda *_: "old", now=NOW)
+    assert step.to == main_line.Progress(11, [], 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    through=st.integers(0, 20),
+    present=st.sets(st.integers(-5, 60), max_size=30),
+    ready=st.sets(st.integers(0, 60)),
+    never_fills=st.sets(st.integers(0, 60)),
+    gap_numbers=st.sets(st.integers(0, 20), max_size=6),
+)
+def test_the_mark_never_passes_a_hole_that_is_not_ready(
+    through: int, present: set[int], ready: set[int], never_fills: set[int], gap_numbers: set[int]
+) -> None:
+    """step() over any stored numbers and any readiness: events are taken in arrival order; the
+    mark passes exactly the events taken and the ready holes; numbers in remembered gaps are
+    taken whenever present; every passed number is taken, a known gap, or ready."""
+    gaps = [main_line.Gap(n, n, NOW) for n in sorted(gap_numbers) if n <= through]
+    progress = main_line.Progress(through, gaps)
+    visible = sorted(n for n in present if n > through or n in gap_numbers)
+    documents = [{"seq": n} for n in visible]
+
+    def verdict(first: int, last: int) -> main_line.HoleVerdict:
+        return "never_fills" if first in never_fills else "old" if first in ready else None
+
+    step = main_line.step(progress, documents, hole_ready=verdict, now=NOW)
+    taken = [d["seq"] for d in step.take]
+    assert taken == sorted(taken)
+    assert step.to.through >= through
+    assert {n for n in visible if n <= through} <= set(taken)  # late arrivals in gaps
+    above = [n for n in taken if n > through]
+    assert above == [n for n in visible if through < n <= step.to.through]
+    remembered = {n for g in step.to.gaps for n in range(g.first, g.last + 1)}
+    passable = ready | never_fills
+    # Each hole the mark passed (a run of numbers it passed without events) was passable.
+    passed_without = [n for n in range(through + 1, step.to.through + 1) if n not in above]
+    starts = [n for n in passed_without if n - 1 not in passed_without]
+    assert set(starts) <= passable
+    for g in step.to.gaps:
+        if g.first > through:  # remembered only when passed for its age
+            assert g.first in ready
+            assert g.first not in never_fills
+    assert not remembered & set(taken)
+    if step.waiting_at is not None:
+        assert step.waiting_at == step.to.through + 1
+        assert step.waiting_at not in passable
+
+
+async def test_a_batch_that_kills_its_worker_again_and_again_is_moved_aside(
+    telemetry: Telemetry,
+) -> None:
+    """Each attempt dies inside the transaction (the process is killed, no error to blame).
+    After two, the main line hands the batch to the aside claim, which has per-event attempts
+    and isolation; the mark moves on, and every event is applied exactly once."""
+    _, key = await telemetry.register("xena")
+    await telemetry.post({"events": [cli_event("x1") for _ in range(6)]}, key)
+    failpoints.arm(watcher_module.BEFORE_COMMIT, times=2)
+    try:
+        for _ in range(2):
+            with pytest.raises(failpoints.FailpointError):
+                await IngestWatcher(telemetry.runtime).main_line_batch()
+            await expire_watcher_leases(telemetry.runtime.db)
+    finally:
+        failpoints.disarm()
+    assert (await mark(telemetry)).attempts == 2
+    await IngestWatcher(telemetry.runtime).drain()
+    assert (await telemetry.stats("xena"))["totalInvocations"] == 6
+    assert await applied_events(telemetry.runtime.db) == 6
+    aside = await telemetry.runtime.db[EVENTS].count_documents({"processed": True})
+    assert aside == 6  # applied by the aside claim
+    progress = await mark(telemetry)
+    assert progress.attempts == 0
+    await telemetry.post(cli_event("x1"), key)  # the main line goes on
+    await telemetry.watcher.drain()
+    assert (await telemetry.stats("xena"))["totalInvocations"] == 7
+
+
+async def test_an_idle_worker_does_not_keep_the_main_line(telemetry: Telemetry) -> None:
+    first, second = IngestWatcher(telemetry.runtime), IngestWatcher(telemetry.runtime)
+    await telemetry.post(cli_event("idle-dev"))
+    await first.drain()  # applies, then finds nothing and lets go
+    await telemetry.post(cli_event("idle-dev"))
+    assert await second.main_line_batch() == 1
+    assert await anonymous(telemetry, "idle-dev") == 2
+
+
+async def test_events_stored_by_the_previous_release_are_applied_aside(
+    telemetry: Telemetry,
+) -> None:
+    """Rolling upgrade: an older replica still stores events marked processed=false, numbered
+    above the mark. The main line passes them without applying; the aside claim applies them."""
+    await telemetry.post(cli_event("mixed-release"))
+    first = await arrival.reserve(telemetry.runtime.db, 1)
+    event = cli_event("mixed-release")
+    await telemetry.runtime.db[EVENTS].insert_one(
+        {"_id": event["insert_id"], "raw": event, "distinctId": "mixed-release", "keyHash": None,
+         "receivedAt": datetime.now(UTC) - timedelta(seconds=1), "processed": False,
+         "leaseUntil": datetime(1970, 1, 1, tzinfo=UTC), "seq": first}
+    )  # fmt: skip
+    await telemetry.post(cli_event("mixed-release"))
+    await telemetry.watcher.drain()
+    assert await anonymous(telemetry, "mixed-release") == 3
+    assert await unapplied_events(telemetry.runtime.db) == 0
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    program=st.lists(
+        st.sampled_from(["post", "resend", "reserve", "land", "drain", "crash", "wait"]),
+        min_size=1,
+        max_size=25,
+    )
+)
+async def test_any_interleaving_of_requests_holes_crashes_and_drains_counts_each_event_once(
+    telemetry: Telemetry, program: list[str]
+) -> None:
+    """Requests, re-sent duplicates, reservations whose insert lands later (or never), watcher
+    crashes mid-transaction and passes of the gap wait, in any order: at the end, every stored
+    event is counted exactly once and none is left behind (I2)."""
+    db = telemetry.runtime.db
+    device = f"prog-{datetime.now(UTC).timestamp()}"
+    sent: list[dict[str, Any]] = []
+    pending: list[int] = []
+    impatient = False
+
+    def watcher() -> IngestWatcher:
+        return replica(telemetry, ingest_gap_wait_seconds=0.001 if impatient else 15.0)
+
+    for action in program:
+        if action == "post":
+            events = [cli_event(device) for _ in range(2)]
+            sent += events
+            await telemetry.post({"events": events})
+        elif action == "resend" and sent:
+            await telemetry.post({"events": [sent[-1], cli_event(device)]})
+            sent.append({})  # the fresh one: counted below from the collection anyway
+        elif action == "reserve":
+            pending.append(await reserve_without_inserting(telemetry, 1))
+        elif action == "land" and pending:
+            await insert_late(telemetry, pending.pop(0), device, 1)
+        elif action == "drain":
+            await watcher().drain()
+        elif action == "crash":
+            failpoints.arm(watcher_module.BEFORE_COMMIT, times=1)
+            try:
+                await watcher().main_line_batch()
+            except failpoints.FailpointError:
+                pass
+            finally:
+                failpoints.disarm()
+            await expire_watcher_leases(db)
+        elif action == "wait":
+            impatient = True
+    for number in pending:  # the rest land at last
+        await insert_late(telemetry, number, device, 1)
+    impatient = True
+    for _ in range(3):
+        await expire_watcher_leases(db)
+        await watcher().drain()
+    stored = await db[EVENTS].count_documents({"distinctId": device})
+    assert await anonymous(telemetry, device) == stored if stored else True
+    assert await unapplied_events(db) == 0
+
+
+async def test_batches_grow_with_the_backlog_and_shrink_when_caught_up(
+    telemetry: Telemetry,
+) -> None:
+    """Adaptive batching: a backlog of 30 with base 2 and most 8 is 2, 4, 8, 8, 8 events; once
+    caught up the next batch is back to the base size."""
+    _, key = await telemetry.register("yara")
+    await telemetry.post({"events": [cli_event("y1") for _ in range(30)]}, key)
+    watcher = replica(telemetry, ingest_batch_size=2, ingest_max_batch_size=8)
+    sizes = []
+    while handled := await watcher.main_line_batch():
+        sizes.append(handled)
+    assert sizes == [2, 4, 8, 8, 8]
+    assert (await telemetry.stats("yara"))["totalInvocations"] == 30
+    refreshes = await telemetry.refreshes((await telemetry.stats("yara"))["userId"])
+    assert len(refreshes) <= 5  # one per batch at most, coalesced while pending
+    await telemetry.post({"events": [cli_event("y1") for _ in range(3)]}, key)
+    assert await watcher.main_line_batch() == 2  # caught up: the base size again
+
+
+async def test_a_stopping_watcher_lets_go_of_the_main_line(telemetry: Telemetry) -> None:
+    """Stopped in the middle of a backlog (its lease held), another replica takes over at once,
+    not after INGEST_LEASE_SECONDS."""
+    db = telemetry.runtime.db
+    stopping = IngestWatcher(telemetry.runtime)
+    assert await main_line.lease(db, owner=stopping.worker, seconds=600) is not None
+    await telemetry.post(cli_event("handover"))
+    other = IngestWatcher(telemetry.runtime)
+    assert await other.main_line_batch() == 0  # held
+    stopping.stop()
+    await stopping.run()
+    assert await other.main_line_batch() == 1
