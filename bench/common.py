@@ -112,6 +112,38 @@ def observer_client(uri: str) -> Client:
     return make_client(uri, app_name="bench-observer")
 
 
+#: Embedded servers started by database_uri: uri -> process id, to read their CPU time.
+SERVER_PIDS: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of a process so far: this one (every thread) by default."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Where a run's CPU went: the database server's process and this one (services, senders),
+    each as a share of one core over the run's wall time. On the embedded server (one Python
+    process) a server share near 1.0 means the server bounds the run."""
+
+    def __init__(self, uri: str) -> None:
+        self.pid = SERVER_PIDS.get(uri)
+        self.started = (time.perf_counter(), self._server(), cpu_seconds())
+
+    def _server(self) -> float:
+        return cpu_seconds(self.pid) if self.pid else 0.0
+
+    def shares(self) -> str:
+        wall = time.perf_counter() - self.started[0]
+        server = (self._server() - self.started[1]) / wall
+        own = (cpu_seconds() - self.started[2]) / wall
+        where = f"{server:.2f} database server" if self.pid else "database server not local"
+        return f"{where}, {own:.2f} services + senders (share of one core)"
+
+
 @contextlib.contextmanager
 def database_uri(storage: Storage = "disk") -> Iterator[str]:
     """MONGODB_URI if set, else an embedded server of its own, on disk (what ``make run`` uses:
@@ -124,6 +156,8 @@ def database_uri(storage: Storage = "disk") -> Iterator[str]:
         if storage == "disk":
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="swamp-bench-"))
         with EmbeddedDb(storage_path=path) as db:
+            if db._process is not None:
+                SERVER_PIDS[db.uri] = db._process.pid
             yield db.uri
 
 
