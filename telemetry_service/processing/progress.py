@@ -89,13 +89,6 @@ async def release(db: Database, *, owner: str) -> None:
     )
 
 
-async def let_go(db: Database, *, owner: str) -> None:
-    """A worker stopping: another replica may take the main line at once, not after the lease."""
-    await db[PROGRESS].update_one(
-        {"_id": MAIN_LINE, "owner": owner}, {"$set": {"leaseUntil": datetime.now(UTC)}}
-    )
-
-
 async def renew(db: Database, *, owner: str, seconds: float) -> None:
     await db[PROGRESS].update_one(
         {"_id": MAIN_LINE, "owner": owner},

@@ -24,6 +24,7 @@ A batch is applied in ONE transaction:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -212,10 +213,6 @@ class IngestWatcher:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-            try:
-                await main_line.let_go(self.runtime.db, owner=self.worker)
-            except PyMongoError:  # the database is away: the lease simply runs out
-                log.warning("could not let go of the main line; it is free after its lease")
 
     async def drain(self) -> int:
         """Apply batches until none is left (tests, the CLI, shutdown hooks)."""
@@ -253,9 +250,16 @@ class IngestWatcher:
         read = await main_line.lease(db, owner=self.worker, seconds=lease)
         if read is None:  # another replica applies the main line now
             return 0
-        documents = await main_line.above_mark(db, read, limit=self._batch_limit)
+        try:
+            documents = await main_line.above_mark(db, read, limit=self._batch_limit)
+            verdicts = await self._hole_verdicts(read, documents)
+        except BaseException:
+            # Nothing was tried: the lease's attempt is given back, or a few database blips
+            # while idle would move the next healthy batch aside untried.
+            with contextlib.suppress(PyMongoError):
+                await main_line.release(db, owner=self.worker)
+            raise
         self._batch_limit = self._next_batch_limit(len(documents))
-        verdicts = await self._hole_verdicts(read, documents)
         step = main_line.step(
             read, documents, hole_ready=lambda *h: verdicts.get(h), now=datetime.now(UTC)
         )
@@ -272,7 +276,8 @@ class IngestWatcher:
             # applying it): aside, each event has its own attempts and failures are isolated.
             log.warning("main line: batch at %d died %d times; moved aside",
                         read.through, read.attempts - 1)  # fmt: skip
-            await self._move_aside(read, step.to, mine, attempts=read.attempts - 1)
+            died = min(read.attempts - 1, SPLIT_AFTER_ATTEMPTS)  # never past the aside's own
+            await self._move_aside(read, step.to, mine, attempts=died)
             return 0  # the aside claim, due at once, applies them
         batch = await self._readable(mine)
         finish = self._advance(read, step.to)

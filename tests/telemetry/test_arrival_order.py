@@ -15,7 +15,9 @@ from tests.telemetry.conftest import Telemetry, cli_event
 
 
 def one_at_a_time(runtime: TelemetryRuntime) -> IngestWatcher:
-    settings = runtime.settings.model_copy(update={"ingest_batch_size": 1})
+    settings = runtime.settings.model_copy(
+        update={"ingest_batch_size": 1, "ingest_max_batch_size": 1}
+    )
     return IngestWatcher(TelemetryRuntime(settings=settings, client=runtime.client))
 
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo import monitoring
+from pymongo.errors import AutoReconnect
 
 from shared_contracts import failpoints
 from telemetry_service.collections import EVENTS, PROGRESS
@@ -333,15 +334,30 @@ async def test_batches_grow_with_the_backlog_and_shrink_when_caught_up(
     assert await watcher.main_line_batch() == 2  # caught up: the base size again
 
 
-async def test_a_stopping_watcher_lets_go_of_the_main_line(telemetry: Telemetry) -> None:
-    """Stopped in the middle of a backlog (its lease held), another replica takes over at once,
-    not after INGEST_LEASE_SECONDS."""
-    db = telemetry.runtime.db
-    stopping = IngestWatcher(telemetry.runtime)
-    assert await main_line.lease(db, owner=stopping.worker, seconds=600) is not None
-    await telemetry.post(cli_event("handover"))
-    other = IngestWatcher(telemetry.runtime)
-    assert await other.main_line_batch() == 0  # held
-    stopping.stop()
-    await stopping.run()
-    assert await other.main_line_batch() == 1
+async def test_database_blips_before_a_batch_is_tried_never_count_as_its_attempts(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FOUND by a review: the lease counts an attempt; a failure before anything was applied (a
+    blip while reading above the mark, here nine while idle) was never given back, so the next
+    healthy batch was moved aside untried with the whole drift as its attempts, and set aside
+    dead without ever being applied."""
+    real = main_line.above_mark
+    blips = {"left": 9}
+
+    async def blipping(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        if blips["left"]:
+            blips["left"] -= 1
+            raise AutoReconnect("blip")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(main_line, "above_mark", blipping)
+    watcher = IngestWatcher(telemetry.runtime)
+    for _ in range(9):
+        with pytest.raises(AutoReconnect):
+            await watcher.main_line_batch()
+    assert (await mark(telemetry)).attempts == 0
+    _, key = await telemetry.register("drift")
+    await telemetry.post({"events": [cli_event("drift-dev") for _ in range(3)]}, key)
+    await watcher.drain()
+    assert await telemetry.runtime.db[EVENTS].count_documents({"dead": True}) == 0
+    assert (await telemetry.stats("drift"))["totalInvocations"] == 3
