@@ -57,6 +57,20 @@ async def find_by_ids(
     return found
 
 
+async def update_by_ids(
+    collection: AsyncCollection[dict[str, Any]],
+    ids: list[Any],
+    update: dict[str, Any],
+    *,
+    only: dict[str, Any] | None = None,
+    session: AsyncClientSession | None = None,
+) -> None:
+    """One update_many per bounded $in chunk of ids (see MAX_IN_IDS); ``only``: extra filter."""
+    for start in range(0, len(ids), MAX_IN_IDS):
+        chunk = {"_id": {"$in": ids[start : start + MAX_IN_IDS]}, **(only or {})}
+        await collection.update_many(chunk, update, session=session)
+
+
 async def ensure_indexes(db: Database) -> None:
     # An event is never written after its insert on the watcher's main line: the one index it
     # needs is its arrival number (processing/progress.py reads above the high-water mark).

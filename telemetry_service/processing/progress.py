@@ -124,8 +124,7 @@ async def advance(
 
 async def above_mark(db: Database, progress: Progress, *, limit: int) -> list[dict[str, Any]]:
     """Stored events above the mark and in its remembered gaps, in arrival order."""
-    ranges: list[dict[str, Any]] = [{"seq": {"$gt": progress.through}}]
-    ranges += [{"seq": {"$gte": g.first, "$lte": g.last}} for g in progress.gaps]
+    ranges = _not_passed(progress)
     query = ranges[0] if len(ranges) == 1 else {"$or": ranges}
     cursor = db[EVENTS].find(query, sort=[("seq", 1)], limit=limit, batch_size=limit)
     return await cursor.to_list()
@@ -213,11 +212,15 @@ async def unapplied_filter(db: Database) -> dict[str, Any]:
 def unapplied_query(progress_document: dict[str, Any] | None) -> dict[str, Any]:
     """unapplied_filter, given the progress document already read."""
     progress = Progress.from_document(progress_document) if progress_document else Progress(0)
-    main_line: list[dict[str, Any]] = [{"seq": {"$gt": progress.through}}]
-    main_line += [{"seq": {"$gte": g.first, "$lte": g.last}} for g in progress.gaps]
     return {
         "$or": [
             {"processed": False},
-            {"processed": {"$exists": False}, "$or": main_line},
+            {"processed": {"$exists": False}, "$or": _not_passed(progress)},
         ]
     }
+
+
+def _not_passed(progress: Progress) -> list[dict[str, Any]]:
+    """Arrival numbers the main line has not applied: above the mark, or in a remembered gap."""
+    ranges: list[dict[str, Any]] = [{"seq": {"$gt": progress.through}}]
+    return ranges + [{"seq": {"$gte": g.first, "$lte": g.last}} for g in progress.gaps]

@@ -43,7 +43,7 @@ from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
 from telemetry_service import counters
-from telemetry_service.collections import EVENTS, MAX_IN_IDS, UNCLAIMED
+from telemetry_service.collections import EVENTS, UNCLAIMED, update_by_ids
 from telemetry_service.devices.store import (
     AttributedEvent,
     DeviceWrite,
@@ -351,15 +351,11 @@ class IngestWatcher:
         """Hand the batch's events to the aside claim and move the mark past them, at once."""
 
         async def move(session: AsyncClientSession) -> None:
-            ids = [d["_id"] for d in documents]
-            for start in range(0, len(ids), MAX_IN_IDS):
-                await self.events.update_many(
-                    {"_id": {"$in": ids[start : start + MAX_IN_IDS]},
-                     "processed": {"$exists": False}},
-                    {"$set": {"processed": False, "leaseUntil": UNCLAIMED,
-                              "attempts": attempts}},
-                    session=session,
-                )  # fmt: skip
+            await update_by_ids(
+                self.events, [d["_id"] for d in documents],
+                {"$set": {"processed": False, "leaseUntil": UNCLAIMED, "attempts": attempts}},
+                only={"processed": {"$exists": False}}, session=session,
+            )  # fmt: skip
             await self._advance(read, to)(session, [])
 
         try:
@@ -679,19 +675,15 @@ class IngestWatcher:
         if not waiting:
             return
         retry_at = datetime.now(UTC) + timedelta(seconds=self.settings.key_resolve_retry_seconds)
-        count: dict[str, Any] = (
-            {"$inc": {"attempts": -1}} if attempts == "given_back" else {"$set": {"attempts": 0}}
-        )
-        for start in range(0, len(waiting), MAX_IN_IDS):
-            await self.events.update_many(
-                {"_id": {"$in": waiting[start : start + MAX_IN_IDS]}},
-                {
-                    "$set": {"processed": False, "leaseUntil": retry_at, **count.get("$set", {})},
-                    "$unset": {"claimToken": ""},
-                    **({"$inc": count["$inc"]} if "$inc" in count else {}),
-                },
-                session=session,
-            )
+        update: dict[str, Any] = {
+            "$set": {"processed": False, "leaseUntil": retry_at},
+            "$unset": {"claimToken": ""},
+        }
+        if attempts == "given_back":
+            update["$inc"] = {"attempts": -1}
+        else:  # from the main line: no claim counted one
+            update["$set"]["attempts"] = 0
+        await update_by_ids(self.events, waiting, update, session=session)
 
     async def _record_unattributed(
         self, unattributed: dict[str, str], session: AsyncClientSession
