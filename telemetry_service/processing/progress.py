@@ -203,10 +203,13 @@ def _without(gap: Gap, numbers: set[int]) -> list[Gap]:
     return pieces
 
 
-async def unapplied_filter(db: Database) -> dict[str, Any]:
+async def unapplied_filter(
+    db: Database, *, session: AsyncClientSession | None = None
+) -> dict[str, Any]:
     """A query for the events not applied yet, wherever they wait: above the mark, in its gaps,
-    or aside (waiting for a key, retrying, set aside). For operators, tests and the bench."""
-    return unapplied_query(await db[PROGRESS].find_one({"_id": MAIN_LINE}))
+    or aside (waiting for a key, retrying, set aside)."""
+    progress = await db[PROGRESS].find_one({"_id": MAIN_LINE}, session=session)
+    return unapplied_query(progress)
 
 
 def unapplied_query(progress_document: dict[str, Any] | None) -> dict[str, Any]:

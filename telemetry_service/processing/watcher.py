@@ -639,15 +639,18 @@ class IngestWatcher:
         """Authenticated events on a device with no owner yet wait behind any earlier event of
         that device that carries a key and is still unapplied outside this batch: waiting for
         its key, or claimed in another batch or the other half of a split (I3: the first
-        authenticated arrival owns the device). Not behind one that failed (``lastError``): a
-        failing event never holds others back (I11); the device then goes to the next."""
+        authenticated arrival owns the device). Unapplied aside or on the main line: an older
+        release's event aside may be numbered above an unapplied one of the main line. Not
+        behind one that failed (``lastError``): a failing event never holds others back (I11);
+        the device then goes to the next."""
         candidates = [e for e in ready if e.user_id is not None and e.device not in owners]
         if not candidates:
             return set()
+        unapplied = await main_line.unapplied_filter(self.runtime.db, session=session)
         earlier = self.events.find(
             {
+                **unapplied,
                 "distinctId": {"$in": sorted({e.device for e in candidates})},
-                "processed": False,
                 "seq": {"$lt": max(e.arrival for e in candidates)},
                 "keyHash": {"$ne": None},
                 "dead": {"$ne": True},

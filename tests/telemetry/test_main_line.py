@@ -16,6 +16,7 @@ from pymongo import monitoring
 from pymongo.errors import AutoReconnect
 
 from shared_contracts import failpoints
+from shared_contracts.keys import api_key_hash
 from telemetry_service.collections import EVENTS, PROGRESS
 from telemetry_service.ingest import arrival
 from telemetry_service.processing import progress as main_line
@@ -361,3 +362,28 @@ async def test_database_blips_before_a_batch_is_tried_never_count_as_its_attempt
     await watcher.drain()
     assert await telemetry.runtime.db[EVENTS].count_documents({"dead": True}) == 0
     assert (await telemetry.stats("drift"))["totalInvocations"] == 3
+
+
+async def test_an_older_releases_event_does_not_overtake_an_earlier_one_on_the_main_line(
+    telemetry: Telemetry,
+) -> None:
+    """FOUND by a review (rolling upgrade, I3): the new release stores alice's event on a new
+    device; a replica of the previous release then stores bob's there, marked processed=false,
+    so it is claimed aside, and the aside pass ran first: bob owned the device alice's
+    authenticated event had reached first."""
+    alice, alice_key = await telemetry.register("alice")
+    _, bob_key = await telemetry.register("bobby")
+    await telemetry.post(cli_event("upgrade-dev"), alice_key)
+    number = await arrival.reserve(telemetry.runtime.db, 1)
+    event = cli_event("upgrade-dev")
+    await telemetry.runtime.db[EVENTS].insert_one(
+        {"_id": event["insert_id"], "raw": event, "distinctId": "upgrade-dev",
+         "keyHash": api_key_hash(bob_key), "receivedAt": datetime.now(UTC), "processed": False,
+         "leaseUntil": datetime(1970, 1, 1, tzinfo=UTC), "seq": number}
+    )  # fmt: skip
+    await telemetry.watcher.drain()
+    await expire_watcher_leases(telemetry.runtime.db)  # bob's waited its retry interval
+    await telemetry.watcher.drain()
+    assert await unapplied_events(telemetry.runtime.db) == 0
+    device = (await telemetry.device("upgrade-dev")).json()
+    assert device["ownerUserId"] == alice
