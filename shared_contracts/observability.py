@@ -72,6 +72,19 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    sys.unraisablehook = log_unraisable
+
+
+def log_unraisable(unraisable: Any) -> None:
+    """An exception Python cannot raise (in a destructor, or in a coroutine closed when the
+    event loop ends: a task still waiting on a dead database at shutdown) is logged like every
+    other error, one line, instead of the interpreter's raw traceback on stderr."""
+    exc = unraisable.exc_value
+    where = unraisable.err_msg or "Exception ignored in"
+    logging.getLogger("swamp.unraisable").error(
+        "%s: %r", where, unraisable.object,
+        exc_info=(type(exc), exc, unraisable.exc_traceback) if exc is not None else None,
+    )  # fmt: skip
 
 
 def route_template(request: Request) -> str:

@@ -4,6 +4,7 @@ uvicorn's plain-text access log on stdout; the request id travels on the message
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shared_contracts.observability import configure_logging
 from swamp_app.main import create_app as create_main_app
 from swamp_app.runtime import AppRuntime
 from swamp_app.settings import AppSettings
@@ -99,3 +101,26 @@ async def test_the_request_id_travels_on_the_messages_a_request_publishes(
         published = await runtime.commands.collection.find().to_list()
     assert {m["type"] for m in published} == {"user_registered", "api_key_issued"}
     assert {m["requestId"] for m in published} == {"trace-me"}
+
+
+def test_an_exception_python_cannot_raise_is_one_json_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seen in `up` with the database killed: a task still waiting on the driver's lock when
+    the loop closed raised in its coroutine's close; the interpreter printed a raw traceback."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    configure_logging()
+
+    class ClosesBadly:
+        def __del__(self) -> None:
+            raise RuntimeError("Lock is not acquired")
+
+    ClosesBadly()  # collected at once: its exception cannot be raised anywhere
+    lines = capsys.readouterr().err.splitlines()
+    assert not [line for line in lines if not line.startswith("{")], lines
+    (logged,) = [json.loads(line) for line in lines]
+    assert logged["level"] == "error"
+    assert logged["logger"] == "swamp.unraisable"
+    assert "RuntimeError: Lock is not acquired" in logged["exception"]

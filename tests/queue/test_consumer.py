@@ -45,7 +45,10 @@ async def test_three_consumers_handle_500_messages_exactly_once(jobs: Queue) -> 
         assert isinstance(delivery.message, Job)
         handled[delivery.message.n] += 1
 
-    async with consuming(jobs, handler, count=3):
+    # Claims never overlap while a lease holds. Leases long enough that a loaded machine never
+    # lets one expire: a redelivery after expiry is at-least-once by design, tested on its own
+    # (test_a_crashed_consumer_s_message_is_redelivered_after_its_lease).
+    async with consuming(jobs, handler, count=3, config=replace(FAST, lease_seconds=120)):
         await eventually(lambda: _done(jobs, 500), within=180, interval=0.5)
     assert handled == collections.Counter(range(500))
     assert await count(jobs, status="done") == 500

@@ -79,6 +79,7 @@ async def test_events_that_fail_inside_the_transaction_are_isolated_by_splitting
     mixed += [cli_event("good-dev") for _ in range(20)]
     before = splits()
     await telemetry.post({"events": mixed}, key)
+    tried_from = datetime.now(UTC)
     assert await telemetry.watcher.process_one_batch() == 42
     assert (await telemetry.stats("bystander"))["totalInvocations"] == 40
     assert splits() > before
@@ -86,7 +87,11 @@ async def test_events_that_fail_inside_the_transaction_are_isolated_by_splitting
     failing = await events.find({"processed": False}).to_list()
     assert [e["distinctId"] for e in failing] == ["broken-dev", "broken-dev"]
     assert all(e["lastError"] for e in failing)  # why, for the operator
-    assert all(e["leaseUntil"] > datetime.now(UTC) for e in failing)  # backing off
+    # Backing off: retried no earlier than a backoff after they failed. (Measured from before
+    # the batch, not from now: on a loaded machine the 1 s backoff may have passed already.)
+    backoff = timedelta(seconds=telemetry.runtime.settings.queue_backoff_base_seconds)
+    stored_precision = timedelta(milliseconds=1)  # BSON dates are whole milliseconds
+    assert all(e["leaseUntil"] >= tried_from + backoff - stored_precision for e in failing)
 
     limit = telemetry.runtime.settings.queue_max_attempts
     for _ in range(limit):  # let the backoffs pass, attempt after attempt
