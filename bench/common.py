@@ -7,10 +7,13 @@ import asyncio
 import collections
 import contextlib
 import importlib.metadata
+import itertools
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -142,6 +145,58 @@ class CpuShare:
         own = (cpu_seconds() - self.started[2]) / wall
         where = f"{server:.2f} database server" if self.pid else "database server not local"
         return f"{where}, {own:.2f} services + senders (share of one core)"
+
+
+class ServerProfile:
+    """Where the embedded server's time went while a run was measured: py-spy samples of its
+    process, each charged to the command handler it was in (``_find_and_modify``, ``_insert``,
+    ``_commit_transaction``...). With the server's CPU share near one core, this is the profile
+    of what bounds the pipeline. Nothing on a server that is not local or where py-spy cannot
+    attach (it needs ptrace)."""
+
+    RATE = 100  # samples per second
+
+    def __init__(self, uri: str) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.note = "server not local"
+        pid = SERVER_PIDS.get(uri)
+        spy = Path(sys.executable).with_name("py-spy")
+        if pid is None:
+            return
+        if not spy.exists():
+            self.note = "py-spy not installed"
+            return
+        self.output = Path(tempfile.mkdtemp(prefix="swamp-profile-")) / "server.txt"
+        self.process = subprocess.Popen(
+            [str(spy), "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
+             "--rate", str(self.RATE), "--output", str(self.output)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def shares(self) -> str:
+        """The top handlers by share of the samples, e.g. '_find_and_modify 0.41, _insert ...'."""
+        if self.process is None:
+            return self.note
+        self.process.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+        _, error = self.process.communicate(timeout=60)
+        if not self.output.exists():
+            return f"unavailable ({error.decode(errors='replace').strip()[-120:]})"
+        by_handler: collections.Counter[str] = collections.Counter()
+        for line in self.output.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            by_handler[handler_of(stack)] += int(count)
+        total = sum(by_handler.values()) or 1
+        top = by_handler.most_common(6)
+        return ", ".join(f"{name} {n / total:.2f}" for name, n in top)
+
+
+def handler_of(stack: str) -> str:
+    """The command handler a sampled stack was in: the frame the server's dispatch called."""
+    frames = stack.split(";")
+    for caller, callee in itertools.pairwise(frames):
+        if caller.startswith("dispatch (secantus/commands.py"):
+            return callee.split(" (", 1)[0]
+    return "outside commands (wire, sessions, change streams)"
 
 
 @contextlib.contextmanager

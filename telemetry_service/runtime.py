@@ -10,6 +10,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from shared_contracts.names import SWAMP_CLUB_EVENTS, TELEMETRY_COMMANDS
 from shared_contracts.queue.engine import Queue
+from telemetry_service.ingest.group_commit import EventWriter
 from telemetry_service.settings import TelemetrySettings
 
 
@@ -21,6 +22,8 @@ class TelemetryRuntime:
     refreshes: Queue = field(init=False)
     #: Incoming: the app's commands.
     commands: Queue = field(init=False)
+    #: Stores /ingest's events, concurrent requests together (ingest/group_commit.py).
+    event_writer: EventWriter = field(init=False)
 
     def __post_init__(self) -> None:
         bus = self.client[self.settings.bus_db]
@@ -30,6 +33,7 @@ class TelemetryRuntime:
             poll_interval_seconds=self.settings.command_poll_interval_seconds
         )
         object.__setattr__(self, "commands", Queue(bus[TELEMETRY_COMMANDS], config=commands_config))
+        object.__setattr__(self, "event_writer", EventWriter(self.db))
 
     @property
     def db(self) -> AsyncDatabase[dict[str, Any]]:

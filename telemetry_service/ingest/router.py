@@ -15,23 +15,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
-from pymongo.errors import BulkWriteError
 
 from shared_contracts import failpoints
 from shared_contracts.api_errors import error_responses
 from shared_contracts.keys import api_key_hash, presented_key
 from telemetry_service import counters
-from telemetry_service.collections import EVENTS
 from telemetry_service.deps import RuntimeDep
 from telemetry_service.errors import InvalidEvents, InvalidJson, PayloadTooLarge, Unauthorized
-from telemetry_service.ingest import arrival
 from telemetry_service.ingest.schemas import CliEvent, IngestAccepted
 from telemetry_service.ingest.storable import unstorable
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
 
-DUPLICATE_KEY = 11000
 #: Failpoint: the events are stored, the 202 has not reached the CLI (it will re-send them).
 BEFORE_REPLY = "ingest.before_reply"
 
@@ -136,7 +132,8 @@ async def ingest(
 async def store(
     runtime: RuntimeDep, events: list[Any], parsed: list[CliEvent], key_hash: str | None
 ) -> tuple[int, int]:
-    """One unordered insert_many; a duplicate key is an event we already have."""
+    """The request's events, once each, through the process's group writer; a duplicate key is
+    an event we already have."""
     now = datetime.now(UTC)
     documents: dict[str, dict[str, Any]] = {}
     for raw, event in zip(events, parsed, strict=True):
@@ -153,17 +150,5 @@ async def store(
     within_request = len(parsed) - len(documents)
     if not documents:  # an empty batch: nothing to store, nothing lost
         return 0, 0
-    first = await arrival.reserve(runtime.db, len(documents))
-    for position, document in enumerate(documents.values()):
-        document["seq"] = first + position
-    stored = list(documents.values())
-    try:
-        result = await runtime.db[EVENTS].insert_many(stored, ordered=False)
-        return len(result.inserted_ids), within_request
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        # Numbers that will never hold an event: the watcher need not wait for them.
-        await arrival.record_holes(runtime.db, [stored[e["index"]]["seq"] for e in errors])
-        if any(e.get("code") != DUPLICATE_KEY for e in errors):
-            raise
-        return exc.details.get("nInserted", 0), within_request + len(errors)
+    result = await runtime.event_writer.store(list(documents.values()))
+    return result.stored, within_request + result.duplicates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import uuid
 from collections.abc import AsyncIterator
@@ -163,6 +164,15 @@ async def telemetry(telemetry_settings: TelemetrySettings) -> AsyncIterator[Tele
         }
     )
     app = create_app(settings)
+    async with asgi_client(app) as http:
+        runtime: TelemetryRuntime = app.state.runtime
+        yield Telemetry(http=http, runtime=runtime, watcher=IngestWatcher(runtime))
+
+
+@contextlib.asynccontextmanager
+async def another_replica(telemetry: Telemetry) -> AsyncIterator[Telemetry]:
+    """A second telemetry process on the same databases: its own client, writer and watcher."""
+    app = create_app(telemetry.runtime.settings)
     async with asgi_client(app) as http:
         runtime: TelemetryRuntime = app.state.runtime
         yield Telemetry(http=http, runtime=runtime, watcher=IngestWatcher(runtime))

@@ -36,7 +36,7 @@ from tests.support import (
     swamp_club_cli,
     unapplied_events,
 )
-from tests.telemetry.conftest import ADMIN, ADMIN_TOKEN, Telemetry, cli_event
+from tests.telemetry.conftest import ADMIN, ADMIN_TOKEN, Telemetry, another_replica, cli_event
 from tests.telemetry.test_isolation import store_as_an_older_release_did
 
 
@@ -122,7 +122,8 @@ async def test_a_waiting_key_in_an_earlier_batch_still_owns_the_device(
     bob, bob_key = await telemetry.register("bobby")
     alice_key = f"swamp_{uuid.uuid4().hex}"  # the app just returned it: telemetry does not know it
     assert (await telemetry.post(cli_event("shared"), alice_key)).status_code == 202
-    assert (await telemetry.post(cli_event("shared"), bob_key)).status_code == 202
+    async with another_replica(telemetry) as other:
+        assert (await other.post(cli_event("shared"), bob_key)).status_code == 202
 
     await replica(telemetry, ingest_batch_size=1).drain()
     # The app's user_registered and api_key_issued for alice reach telemetry now.
@@ -146,7 +147,8 @@ async def test_a_split_separating_a_waiting_key_from_a_later_user_keeps_arrival_
     bad = cli_event("elsewhere")
     poison.always.add(bad["insert_id"])
     await telemetry.post(bad)
-    assert (await telemetry.post(cli_event("shared"), bob_key)).status_code == 202
+    async with another_replica(telemetry) as other:
+        assert (await other.post(cli_event("shared"), bob_key)).status_code == 202
 
     await telemetry.watcher.drain()  # [alice's | poison, bob's] -> [alice's] [poison] [bob's]
     alice = await learn_key(telemetry, "alice", alice_key)
@@ -505,7 +507,9 @@ async def test_a_request_still_being_stored_keeps_its_arrival_against_a_later_re
     inserts. Alice's request reserves first but its insert is slower than Bob's; a watcher that
     claims between Bob's insert and Alice's applies Bob's event (higher seq) first, and Bob owns
     the device that Alice's authenticated event reached first. The claim never waited for a
-    lower number still in flight; the main line's mark does (processing/progress.py)."""
+    lower number still in flight; the main line's mark does (processing/progress.py). Bob's
+    request reaches another replica: within one process his request would wait for Alice's
+    write (ingest/group_commit.py)."""
     _, alice_key = await telemetry.register("alice")
     bob, bob_key = await telemetry.register("bobby")
     real = arrival.reserve
@@ -521,7 +525,8 @@ async def test_a_request_still_being_stored_keeps_its_arrival_against_a_later_re
     monkeypatch.setattr(arrival, "reserve", slow_first_reserve)
     alice_request = asyncio.create_task(telemetry.post(cli_event("shared"), alice_key))
     await reserved.wait()
-    assert (await telemetry.post(cli_event("shared"), bob_key)).status_code == 202
+    async with another_replica(telemetry) as other:
+        assert (await other.post(cli_event("shared"), bob_key)).status_code == 202
     await telemetry.watcher.drain()  # a watcher woken by Bob's insert
     go_on.set()
     assert (await alice_request).status_code == 202
