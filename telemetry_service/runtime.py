@@ -33,7 +33,8 @@ class TelemetryRuntime:
             poll_interval_seconds=self.settings.command_poll_interval_seconds
         )
         object.__setattr__(self, "commands", Queue(bus[TELEMETRY_COMMANDS], config=commands_config))
-        object.__setattr__(self, "event_writer", EventWriter(self.db))
+        budget = self.settings.request_db_timeout_seconds
+        object.__setattr__(self, "event_writer", EventWriter(self.db, budget_seconds=budget))
 
     @property
     def db(self) -> AsyncDatabase[dict[str, Any]]:

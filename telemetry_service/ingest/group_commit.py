@@ -6,17 +6,20 @@ ingest on a server that pays per command.
 
 What a request sees does not change: its events are numbered consecutively in the order the
 requests reached the writer (arrival order, I3 and I11), a re-sent duplicate is counted as one,
-and it fails if and only if its own events could not be stored.
+and it fails only for its own events: their write failed, or did not end within its database
+budget (503; the write may still land, and the CLI's re-send is then answered as duplicates).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pymongo.errors import BulkWriteError, PyMongoError
+import pymongo
+from pymongo.errors import BulkWriteError, ExecutionTimeout, PyMongoError
 
 from telemetry_service.collections import EVENTS, Database
 from telemetry_service.ingest import arrival
@@ -24,9 +27,10 @@ from telemetry_service.ingest import arrival
 log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
-#: Documents written in one group at most (PyMongo splits a larger insert by message size
-#: anyway; this bounds how much one failure fails, and how long one write takes).
+#: A group's size at most, in documents and in request bytes (PyMongo splits a larger insert by
+#: message size anyway; these bound how much one failure fails, and how long one write takes).
 GROUP_MAX_DOCUMENTS = 1000
+GROUP_MAX_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -40,60 +44,86 @@ class StoreResult:
 @dataclass(slots=True)
 class _Request:
     documents: list[dict[str, Any]]
+    size_bytes: int
     #: The write of the group this request is in, once a leader has taken it into one.
-    write: asyncio.Future[None] | None = None
+    write: asyncio.Task[None] | None = None
     result: StoreResult | None = None
     error: BaseException | None = None
 
 
 class EventWriter:
-    """One per process. ``store`` returns once the request's documents are written (or raises
-    what kept them from being written)."""
+    """One per process. ``store`` returns once the request's documents are written, or raises
+    what kept them from being written (ExecutionTimeout after ``budget_seconds``: a 503)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, budget_seconds: float | None) -> None:
         self.db = db
+        self.budget_seconds = budget_seconds or None  # 0: no budget, as for requests
         self._waiting: list[_Request] = []
-        # One write at a time: the requests that arrive meanwhile form the next group. FIFO, so
-        # the earliest waiter leads the next write, under its own request's database budget.
-        self._turn = asyncio.Lock()
+        #: The write in flight. One at a time, whatever happens to the request that started
+        #: it: a second write alongside could number a later request first.
+        self._writing: asyncio.Task[None] | None = None
 
-    async def store(self, documents: list[dict[str, Any]]) -> StoreResult:
+    async def store(self, documents: list[dict[str, Any]], *, size_bytes: int) -> StoreResult:
         """Documents with distinct ``_id``s; each gets its ``seq`` here."""
-        request = _Request(documents)
+        request = _Request(documents, size_bytes)
         self._waiting.append(request)
-        async with self._turn:
-            if request.write is None:  # nobody took it into a group while we waited: lead one
-                group = self._next_group()
-                # A task of its own (in this request's context, so under its budget): a leader
-                # whose client goes away stops waiting, the group's write goes on.
-                write = asyncio.ensure_future(self._write(group))
-                for member in group:
-                    member.write = write
-                await asyncio.wait([write])  # the next group forms meanwhile
-        assert request.write is not None
-        await asyncio.wait([request.write])
+        try:
+            async with asyncio.timeout(self.budget_seconds):
+                await self._written(request)
+        except TimeoutError:
+            raise ExecutionTimeout(
+                "the events were not stored within the request's database budget"
+            ) from None
+        finally:
+            if request.write is None:  # gone before any group took it: nobody writes it now
+                self._waiting.remove(request)
         if request.error is not None:
             raise request.error
         assert request.result is not None
         return request.result
 
+    async def _written(self, request: _Request) -> None:
+        """Lead the next write when none is in flight, else wait for it; until a group holds
+        this request, then until that group is written."""
+        while request.write is None:
+            if self._writing is None or self._writing.done():
+                self._writing = self._start(self._next_group())
+            else:
+                await asyncio.wait([self._writing])
+        await asyncio.wait([request.write])
+
+    def _start(self, group: list[_Request]) -> asyncio.Task[None]:
+        # A task of its own, under a budget of its own: neither its leader's client going away
+        # nor the leader's nearly spent budget (it waited longest) fails the others' write.
+        write = asyncio.get_running_loop().create_task(
+            self._write(group), context=contextvars.Context()
+        )
+        for member in group:
+            member.write = write
+        return write
+
     def _next_group(self) -> list[_Request]:
+        """The waiting requests in the order they came, as many as the group's bounds take
+        (always at least one)."""
         group: list[_Request] = []
-        size = 0
-        while self._waiting and (not group or size + len(self._waiting[0].documents)
-                                 <= GROUP_MAX_DOCUMENTS):  # fmt: skip
-            request = self._waiting.pop(0)
+        documents = size = 0
+        for request in self._waiting:
+            documents += len(request.documents)
+            size += request.size_bytes
+            if group and (documents > GROUP_MAX_DOCUMENTS or size > GROUP_MAX_BYTES):
+                break
             group.append(request)
-            size += len(request.documents)
+        del self._waiting[: len(group)]
         return group
 
     async def _write(self, group: list[_Request]) -> None:
         stored = [document for request in group for document in request.documents]
         try:
-            first = await arrival.reserve(self.db, len(stored))
-            for position, document in enumerate(stored):
-                document["seq"] = first + position
-            await self.db[EVENTS].insert_many(stored, ordered=False)
+            with pymongo.timeout(self.budget_seconds):
+                first = await arrival.reserve(self.db, len(stored))
+                for position, document in enumerate(stored):
+                    document["seq"] = first + position
+                await self.db[EVENTS].insert_many(stored, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             self._tell(group, errors, exc)
@@ -101,7 +131,8 @@ class EventWriter:
             # effort: without the record it passes them after INGEST_GAP_WAIT_SECONDS.
             holes = [stored[e["index"]]["seq"] for e in errors]
             try:
-                await arrival.record_holes(self.db, holes)
+                with pymongo.timeout(self.budget_seconds):
+                    await arrival.record_holes(self.db, holes)
             except PyMongoError as record_failed:
                 log.warning("%d arrival holes not recorded: %s", len(holes), record_failed)
         except BaseException as exc:  # nothing is known of the group: it failed as a whole

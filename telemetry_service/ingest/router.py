@@ -122,7 +122,7 @@ async def ingest(
     except Unauthorized:  # a malformed Authorization header: as if the CLI had sent no key
         key = None
     key_hash = api_key_hash(key) if key is not None else None
-    accepted, duplicates = await store(runtime, events, parsed, key_hash)
+    accepted, duplicates = await store(runtime, events, parsed, key_hash, size_bytes=len(body))
     failpoints.hit(BEFORE_REPLY)
     counters.EVENTS_RECEIVED.labels("accepted").inc(accepted)
     counters.EVENTS_RECEIVED.labels("duplicate").inc(duplicates)
@@ -130,7 +130,12 @@ async def ingest(
 
 
 async def store(
-    runtime: RuntimeDep, events: list[Any], parsed: list[CliEvent], key_hash: str | None
+    runtime: RuntimeDep,
+    events: list[Any],
+    parsed: list[CliEvent],
+    key_hash: str | None,
+    *,
+    size_bytes: int,
 ) -> tuple[int, int]:
     """The request's events, once each, through the process's group writer; a duplicate key is
     an event we already have."""
@@ -150,5 +155,5 @@ async def store(
     within_request = len(parsed) - len(documents)
     if not documents:  # an empty batch: nothing to store, nothing lost
         return 0, 0
-    result = await runtime.event_writer.store(list(documents.values()))
+    result = await runtime.event_writer.store(list(documents.values()), size_bytes=size_bytes)
     return result.stored, within_request + result.duplicates

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,9 +15,11 @@ from pymongo.errors import AutoReconnect
 
 from telemetry_service.collections import ARRIVAL_HOLES, EVENTS
 from telemetry_service.ingest import arrival
+from telemetry_service.ingest.group_commit import EventWriter
+from telemetry_service.main import create_app
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import applied_events, eventually
+from tests.support import applied_events, asgi_client, eventually
 from tests.telemetry.conftest import Telemetry, cli_event
 
 
@@ -57,12 +60,7 @@ def held(monkeypatch: pytest.MonkeyPatch) -> HeldReservations:
 
 async def waiting_behind(telemetry: Telemetry, count: int) -> None:
     """Until ``count`` requests wait for the write in flight."""
-    writer = telemetry.runtime.event_writer
-
-    async def waiting() -> bool:
-        return len(writer._waiting) >= count
-
-    await eventually(waiting, interval=0.001)
+    await waiting_behind_writer(telemetry.runtime.event_writer, count)
 
 
 async def test_requests_that_arrive_during_a_write_are_stored_in_one_more(
@@ -211,3 +209,126 @@ async def test_concurrent_requests_sharing_events_are_answered_and_stored_once_e
     if distinct:
         device_stats = (await telemetry.device(device)).json()
         assert device_stats["anonymous"]["invocations"] == len(distinct)
+
+
+async def waiting_behind_writer(writer: EventWriter, count: int) -> None:
+    async def waiting() -> bool:
+        return len(writer._waiting) >= count
+
+    await eventually(waiting, interval=0.001)
+
+
+def plain_client(telemetry: Telemetry) -> httpx.AsyncClient:
+    """The fixture's app, answering a handler's exception as the 500 a client would see
+    (rather than re-raising it into the test)."""
+    app = telemetry.http._transport.app  # type: ignore[attr-defined]
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def batch(device: str, size: int) -> dict[str, Any]:
+    return {"events": [cli_event(device) for _ in range(size)]}
+
+
+async def test_a_request_cancelled_while_queued_does_not_fail_the_requests_after_it(
+    telemetry: Telemetry, held: HeldReservations
+) -> None:
+    """Found by review: a request whose client went away while it waited stayed first in line,
+    so the next full-size request was left out of the group its own leader wrote (a 500, and
+    the same for every full-size request after it: the CLI's re-sends never got a 202)."""
+    writer = telemetry.runtime.event_writer
+    full = telemetry.runtime.settings.max_events_per_request
+    blocker = asyncio.create_task(telemetry.post(cli_event("blocker")))
+    await held.in_flight.wait()
+    gone = asyncio.create_task(telemetry.post(cli_event("gone")))
+    await waiting_behind_writer(writer, 1)
+    gone.cancel()  # its client went away while it waited
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    held.go_on.set()
+    assert (await blocker).status_code == 202
+    async with plain_client(telemetry) as http:
+        statuses = [
+            (await http.post("/ingest", json=batch(f"full-{n}", full))).status_code
+            for n in range(3)
+        ]
+    assert statuses == [202, 202, 202]
+
+
+async def test_a_follower_is_not_failed_by_its_leaders_spent_budget(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the group was written under its leader's database budget, and the
+    leader is the oldest waiter, with the least budget left; a follower with most of its own
+    budget left was answered 503. The group's write has a budget of its own."""
+    held = HeldReservations(holds=2)
+    monkeypatch.setattr(arrival, "reserve", held)
+    budget = 2.0
+    settings_ = telemetry.runtime.settings.model_copy(update={"request_db_timeout_seconds": budget})
+    app = create_app(settings_)
+    async with asgi_client(app) as http:
+        writer = app.state.runtime.event_writer
+        blocker = asyncio.create_task(http.post("/ingest", json=cli_event("blocker")))
+        await held.reached[1].wait()
+        leader = asyncio.create_task(http.post("/ingest", json=cli_event("leader")))
+        await waiting_behind_writer(writer, 1)
+        await asyncio.sleep(budget * 0.6)  # the write in flight is slow; the leader's budget runs
+        follower = asyncio.create_task(http.post("/ingest", json=cli_event("follower")))
+        await waiting_behind_writer(writer, 2)
+        held.release[1].set()  # the blocker's write ends within its budget
+        await held.reached[2].wait()  # the group (leader, follower) has its numbers
+        await asyncio.sleep(budget * 0.5)  # its write takes half a budget: past the leader's end
+        held.release[2].set()
+        assert (await blocker).status_code == 202
+        await leader  # out of its own budget: a 503 is fair
+        answer = await follower  # ~1.1 budgets after the blocker, ~0.5 after the follower came
+        assert answer.status_code == 202, answer.text
+
+
+async def test_a_cancelled_leader_does_not_let_a_later_request_be_numbered_first(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a leader cancelled while its group's write was in flight let the next
+    request lead a write alongside it, which could number it before the earlier group (I3,
+    I11). One write at a time, whatever happens to the request that started it."""
+    real = arrival.reserve
+    calls = 0
+    reached = {1: asyncio.Event(), 2: asyncio.Event()}
+    release = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    async def reserve(db: Any, count: int, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        call = calls
+        if call == 1:  # the blocker: numbered, then its insert is slow
+            first = await real(db, count, **kwargs)
+            reached[1].set()
+            await release[1].wait()
+            return first
+        if call == 2:  # the leader's group: its reservation is slow to reach the server
+            reached[2].set()
+            await release[2].wait()
+        return await real(db, count, **kwargs)
+
+    monkeypatch.setattr(arrival, "reserve", reserve)
+    writer = telemetry.runtime.event_writer
+    blocker = asyncio.create_task(telemetry.post(cli_event("blocker")))
+    await reached[1].wait()
+    leader = asyncio.create_task(telemetry.post(cli_event("leader")))
+    await waiting_behind_writer(writer, 1)
+    follower = asyncio.create_task(telemetry.post(cli_event("follower")))
+    await waiting_behind_writer(writer, 2)
+    release[1].set()
+    await reached[2].wait()  # the group (leader, follower) is being written
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    later = asyncio.create_task(telemetry.post(cli_event("later")))  # after the follower
+    await asyncio.wait([later], timeout=0.5)  # it waits for the write in flight
+    release[2].set()
+    assert (await blocker).status_code == 202
+    assert (await follower).status_code == 202
+    assert (await later).status_code == 202
+    stored = await telemetry.runtime.db[EVENTS].find({}, {"seq": 1, "distinctId": 1}).to_list()
+    seq = {e["distinctId"]: e["seq"] for e in stored}
+    assert seq["blocker"] < seq["leader"] < seq["follower"] < seq["later"], seq
