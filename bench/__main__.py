@@ -1,8 +1,9 @@
 """`make bench`: every scenario, written to bench/RESULTS.md with the run's environment.
 
-By default (about 6-8 minutes on the embedded server, 2 cores):
+By default (about 15 minutes on the embedded server, 2 cores):
 - on disk (what `make run` uses): capacity unpaced, then latency at 50% and 80% of it, the
-  10,000-event burst for one user, the watcher alone, backfill at 1k and 10k users;
+  10,000-event burst for one user, the watcher alone, backfill at 1k and 10k users, 1, 2 and 4
+  telemetry processes on one server;
 - in memory: capacity unpaced and the watcher alone.
 `--backfill-50k` adds the 50k-user backfill; `--queue` the queue micro-benchmark; `--quick`
 shrinks every size for a smoke run. With MONGODB_URI set, both "storages" are that deployment.
@@ -15,7 +16,7 @@ import asyncio
 import os
 import sys
 
-from bench import backfill, ingest, pipeline, queue
+from bench import backfill, ingest, pipeline, queue, replicas
 from bench.common import Results, database_uri, environment, server_version, write_results
 
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--watcher-events", type=int, default=3000)
     parser.add_argument("--backfill-usernames", type=int, nargs="+", default=[1000, 10_000])
+    parser.add_argument("--replica-events", type=int, default=6000)
     parser.add_argument("--backfill-50k", action="store_true")
     parser.add_argument("--backfill-cap-seconds", type=float, default=40)
     parser.add_argument("--queue", action="store_true")
@@ -35,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.events, args.burst, args.watcher_events, args.latency_seconds = 600, 600, 500, 3
+        args.replica_events = 400
         args.users, args.devices_per_user, args.backfill_usernames = 4, 3, [500, 2000]
         args.backfill_cap_seconds = 10
     sizes = args.backfill_usernames + ([50_000] if args.backfill_50k else [])
@@ -61,6 +64,13 @@ def main() -> None:
         scenario(asyncio.run(ingest.run(storage, args.watcher_events, **shape, batch_sizes=[500])))
         if full:
             scenario(asyncio.run(backfill.run(storage, sizes, [500], args.backfill_cap_seconds)))
+            scenario(
+                asyncio.run(
+                    replicas.run(storage, [1, 2, 4], users=args.users,
+                                 devices_per_user=args.devices_per_user,
+                                 events=args.replica_events)
+                )
+            )  # fmt: skip
     if args.queue:
         scenario(asyncio.run(queue.run(500, 1000)))
     header = environment(server, ["disk", "memory"], sys.argv[1:])

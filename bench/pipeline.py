@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import bson
 import httpx
 
 from bench.common import (
@@ -81,6 +82,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     cpu: str = ""
     server_time: str = ""
+    bytes_per_event: float | None = None  # a stored event's BSON size, on average
 
     @property
     def rate(self) -> float:
@@ -193,12 +195,13 @@ async def traffic(
             run = await measure(p, population, measured, started)
             run.batches = await watcher_batches(p) - batches_before
             if baseline:
-                stored = observer[telemetry.telemetry_db][EVENTS].find(
-                    {"_id": {"$in": sorted(measured)}}
+                stored = (
+                    await observer[telemetry.telemetry_db][EVENTS]
+                    .find({"_id": {"$in": sorted(measured)}})
+                    .to_list()
                 )
-                run.baseline = await raw_baseline(
-                    observer, telemetry.telemetry_db, await stored.to_list()
-                )
+                run.bytes_per_event = sum(len(bson.encode(d)) for d in stored) / len(stored)
+                run.baseline = await raw_baseline(observer, telemetry.telemetry_db, stored)
     finally:
         await observer.close()
     run.ingest_seconds, run.work, run.get_more, run.by_command = (
@@ -296,6 +299,8 @@ def add_run(results: Results, label: str, run: Run, baseline: Baseline | None) -
     results.add(
         f"{label}: watcher batches / score applications", f"{run.batches} / {run.applications}"
     )
+    if run.bytes_per_event is not None:
+        results.add(f"{label}: stored event size (BSON, average)", run.bytes_per_event, "bytes")
     results.add(f"{label}: CPU while it ran", run.cpu)
     results.add(f"{label}: database server's time by command (sampled)", run.server_time)
     print(f"  {label}: commands {run.by_command}")
