@@ -21,12 +21,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from bench.common import (
     SERVER_PIDS,
     Results,
+    ServerProfile,
     Storage,
     cpu_seconds,
     database_uri,
@@ -109,7 +111,9 @@ async def system(
         await observer.close()
 
 
-async def one_count(uri: str, replicas: int, *, users: int, devices: int, events: int) -> dict:
+async def one_count(
+    uri: str, replicas: int, *, users: int, devices: int, events: int
+) -> dict[str, Any]:
     name = uuid.uuid4().hex[:6]
     async with system(uri, replicas, name) as (p, clients, pids):
         population = Population.build(await register_users(p, users), devices, name[:4])
@@ -127,10 +131,12 @@ async def one_count(uri: str, replicas: int, *, users: int, devices: int, events
         server_pid = SERVER_PIDS.get(uri)
         cpu_before = [cpu_seconds(pid) for pid in pids]
         server_before = cpu_seconds(server_pid) if server_pid else 0.0
+        profile = ServerProfile(uri)
         clock, started = time.perf_counter(), datetime.now(UTC)
         await send(post, requests, rate=None)
         await until(lambda: settled(p), interval=0.2)
         wall = time.perf_counter() - clock
+        server_time = profile.shares()
         replicas_cpu = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
         server_cpu = (cpu_seconds(server_pid) - server_before) if server_pid else 0.0
         run = await measure(p, population, measured, started)
@@ -138,6 +144,7 @@ async def one_count(uri: str, replicas: int, *, users: int, devices: int, events
         "rate": run.rate,
         "cpu": f"{server_cpu / wall:.2f} database server, {replicas_cpu / wall:.2f} replicas",
         "p99": sorted(run.lags)[int(0.99 * (len(run.lags) - 1))],
+        "server_time": server_time,
     }
 
 
@@ -160,6 +167,8 @@ async def run(
             results.add(f"{label}: / one process", measured["rate"] / base, "x")
             results.add(f"{label}: lag p99", measured["p99"], "s")
             results.add(f"{label}: CPU while it ran (share of one core)", measured["cpu"])
+            results.add(f"{label}: database server's time by command (sampled)",
+                        measured["server_time"])  # fmt: skip
     return results
 
 
