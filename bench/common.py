@@ -128,23 +128,32 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 
 class CpuShare:
-    """Where a run's CPU went: the database server's process and this one (services, senders),
-    each as a share of one core over the run's wall time. On the embedded server (one Python
-    process) a server share near 1.0 means the server bounds the run."""
+    """Where a run's CPU went: the database server's process and the services' (this process
+    by default: services and senders; or the service processes given), each as a share of one
+    core over the run's wall time. On the embedded server (one Python process) a server share
+    near 1.0 means the server bounds the run."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(
+        self, uri: str, *, services: list[int] | None = None, label: str = "services + senders"
+    ) -> None:
         self.pid = SERVER_PIDS.get(uri)
-        self.started = (time.perf_counter(), self._server(), cpu_seconds())
+        self.services, self.label = services, label
+        self.started = (time.perf_counter(), self._server(), self._services())
 
     def _server(self) -> float:
         return cpu_seconds(self.pid) if self.pid else 0.0
 
+    def _services(self) -> float:
+        if self.services is None:
+            return cpu_seconds()
+        return sum(cpu_seconds(pid) for pid in self.services)
+
     def shares(self) -> str:
         wall = time.perf_counter() - self.started[0]
         server = (self._server() - self.started[1]) / wall
-        own = (cpu_seconds() - self.started[2]) / wall
+        services = (self._services() - self.started[2]) / wall
         where = f"{server:.2f} database server" if self.pid else "database server not local"
-        return f"{where}, {own:.2f} services + senders (share of one core)"
+        return f"{where}, {services:.2f} {self.label} (share of one core)"
 
 
 class ServerProfile:

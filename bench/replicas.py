@@ -16,7 +16,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -26,13 +25,13 @@ from typing import Any
 import httpx
 
 from bench.common import (
-    SERVER_PIDS,
+    CpuShare,
     Results,
     ServerProfile,
     Storage,
-    cpu_seconds,
     database_uri,
     observer_client,
+    percentile,
     scratch_databases,
     storage_label,
     until,
@@ -128,22 +127,17 @@ async def one_count(
         await until(lambda: settled(p))
         requests = population.requests(events)
         measured = {e["insert_id"] for r in requests for e in r.events}
-        server_pid = SERVER_PIDS.get(uri)
-        cpu_before = [cpu_seconds(pid) for pid in pids]
-        server_before = cpu_seconds(server_pid) if server_pid else 0.0
+        cpu = CpuShare(uri, services=pids, label="replicas")
         profile = ServerProfile(uri)
-        clock, started = time.perf_counter(), datetime.now(UTC)
+        started = datetime.now(UTC)
         await send(post, requests, rate=None)
         await until(lambda: settled(p), interval=0.2)
-        wall = time.perf_counter() - clock
-        server_time = profile.shares()
-        replicas_cpu = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
-        server_cpu = (cpu_seconds(server_pid) - server_before) if server_pid else 0.0
+        cpu_shares, server_time = cpu.shares(), profile.shares()
         run = await measure(p, population, measured, started)
     return {
         "rate": run.rate,
-        "cpu": f"{server_cpu / wall:.2f} database server, {replicas_cpu / wall:.2f} replicas",
-        "p99": sorted(run.lags)[int(0.99 * (len(run.lags) - 1))],
+        "cpu": cpu_shares,
+        "p99": percentile(run.lags, 0.99),
         "server_time": server_time,
     }
 
@@ -166,7 +160,7 @@ async def run(
                         "events/s")  # fmt: skip
             results.add(f"{label}: / one process", measured["rate"] / base, "x")
             results.add(f"{label}: lag p99", measured["p99"], "s")
-            results.add(f"{label}: CPU while it ran (share of one core)", measured["cpu"])
+            results.add(f"{label}: CPU while it ran", measured["cpu"])
             results.add(f"{label}: database server's time by command (sampled)",
                         measured["server_time"])  # fmt: skip
     return results
