@@ -63,6 +63,16 @@ async def waiting_behind(telemetry: Telemetry, count: int) -> None:
     await waiting_behind_writer(telemetry.runtime.event_writer, count)
 
 
+async def drain_past_unknown_holes(telemetry: Telemetry) -> None:
+    """Drain with a watcher that passes a hole of unknown fate at once (as one does after
+    INGEST_GAP_WAIT_SECONDS): the first pass notices it, the second passes it."""
+    settings_ = telemetry.runtime.settings.model_copy(update={"ingest_gap_wait_seconds": 0.001})
+    impatient = IngestWatcher(TelemetryRuntime(settings=settings_, client=telemetry.runtime.client))
+    await impatient.drain()
+    await asyncio.sleep(0.01)
+    await impatient.drain()
+
+
 async def test_requests_that_arrive_during_a_write_are_stored_in_one_more(
     telemetry: Telemetry, held: HeldReservations
 ) -> None:
@@ -140,11 +150,7 @@ async def test_a_failed_group_write_fails_each_of_its_requests_and_the_next_grou
     assert (await telemetry.post(cli_event("after"))).status_code == 202
     # The failed group's numbers may or may not hold events (the insert's fate is unknown), so
     # the main line passes them only after INGEST_GAP_WAIT_SECONDS.
-    settings_ = telemetry.runtime.settings.model_copy(update={"ingest_gap_wait_seconds": 0.001})
-    impatient = IngestWatcher(TelemetryRuntime(settings=settings_, client=telemetry.runtime.client))
-    await impatient.drain()
-    await asyncio.sleep(0.01)
-    await impatient.drain()
+    await drain_past_unknown_holes(telemetry)
     assert await applied_events(telemetry.runtime.db) == 2
 
 
@@ -332,3 +338,30 @@ async def test_a_cancelled_leader_does_not_let_a_later_request_be_numbered_first
     stored = await telemetry.runtime.db[EVENTS].find({}, {"seq": 1, "distinctId": 1}).to_list()
     seq = {e["distinctId"]: e["seq"] for e in stored}
     assert seq["blocker"] < seq["leader"] < seq["follower"] < seq["later"], seq
+
+
+async def test_a_write_past_its_budget_is_a_503_and_the_re_send_is_applied_once(
+    telemetry: Telemetry, held: HeldReservations
+) -> None:
+    """A write slower than the budget: the request is answered 503 (the CLI keeps its events),
+    nothing of it is stored, and the re-send is stored and applied once. The first write's
+    numbers are a hole whose fate the writer cannot know (an insert sent may still land), so it
+    is never recorded as empty: the main line passes it after INGEST_GAP_WAIT_SECONDS."""
+    settings_ = telemetry.runtime.settings.model_copy(update={"request_db_timeout_seconds": 0.5})
+    app = create_app(settings_)
+    sent = {"events": [cli_event("slow-write") for _ in range(3)]}
+    async with asgi_client(app) as http:
+        answer = await http.post("/ingest", json=sent)  # its reservation is held past 0.5 s
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        held.go_on.set()
+        writer = app.state.runtime.event_writer
+        assert writer._writing is not None
+        await asyncio.wait([writer._writing])  # out of its own budget too: nothing inserted
+        assert await telemetry.runtime.db[EVENTS].count_documents({}) == 0
+        again = await http.post("/ingest", json=sent)
+    assert again.json() == {"accepted": 3, "duplicates": 0}
+    assert await telemetry.runtime.db[ARRIVAL_HOLES].count_documents({}) == 0
+    await drain_past_unknown_holes(telemetry)
+    assert await applied_events(telemetry.runtime.db) == 3
+    assert (await telemetry.device("slow-write")).json()["anonymous"]["invocations"] == 3
