@@ -3,6 +3,12 @@
 Workers call ``clear()`` before looking for work and ``wait()`` when they found none, so a change
 that arrives while they look is not lost. If change streams fail, ``active`` is False and the
 workers simply poll.
+
+The stream is read only while a worker waits. A busy worker looks for more work anyway, so a
+getMore per change would be spent on news it does not need; on the embedded server each getMore
+reads the oplog, which is what a busy pipeline's streams cost it. The changes made meanwhile stay
+in the stream, behind its resume point: the first read of the next wait returns them at once (one
+look that may find nothing), so a change made after the worker last looked is never missed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class Wakeup:
         self.use_change_streams = use_change_streams
         self.active = False
         self._event = asyncio.Event()
+        #: Set while a worker waits in ``wait(stream=True)``: only then is the stream read.
+        self._wanted = asyncio.Event()
+        self._waiting = 0
 
     def clear(self) -> None:
         self._event.clear()
@@ -40,9 +49,22 @@ class Wakeup:
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, seconds: float | None = None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds or self.poll_interval_seconds)
+    async def wait(self, seconds: float | None = None, *, stream: bool = True) -> bool:
+        """Until a change (``set``: True), or ``seconds`` (the poll interval by default) pass.
+        ``stream=False``: the change stream is not read meanwhile (a replica with nothing to do
+        but wait for a lease: news of every write would only wake it to fail to take it)."""
+        if stream:
+            self._waiting += 1
+            self._wanted.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), seconds or self.poll_interval_seconds)
+            return self._event.is_set()
+        finally:
+            if stream:
+                self._waiting -= 1
+                if not self._waiting:
+                    self._wanted.clear()
 
     async def watch_forever(self) -> None:
         """Run as a background task; returns at once when change streams are off."""
@@ -51,8 +73,10 @@ class Wakeup:
                 async with await self.collection.watch(self.pipeline) as stream:
                     self.active = True
                     self._event.set()  # anything that arrived before the stream opened
-                    async for _ in stream:
-                        self._event.set()
+                    while stream.alive:
+                        await self._wanted.wait()
+                        if await stream.try_next() is not None:
+                            self._event.set()
             except PyMongoError as exc:
                 log.warning(
                     "%s: change stream unavailable, polling (%s)", self.collection.name, exc

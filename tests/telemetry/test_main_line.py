@@ -6,6 +6,7 @@ land late in a hole it skipped, exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,13 +18,14 @@ from pymongo.errors import AutoReconnect
 
 from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash
+from shared_contracts.mongo import make_client
 from telemetry_service.collections import EVENTS, PROGRESS
 from telemetry_service.ingest import arrival
 from telemetry_service.processing import progress as main_line
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import applied_events, expire_watcher_leases, unapplied_events
+from tests.support import applied_events, eventually, expire_watcher_leases, unapplied_events
 from tests.telemetry.conftest import Telemetry, cli_event
 
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
@@ -236,6 +238,67 @@ async def test_an_idle_worker_does_not_keep_the_main_line(telemetry: Telemetry) 
     await telemetry.post(cli_event("idle-dev"))
     assert await second.main_line_batch() == 1
     assert await anonymous(telemetry, "idle-dev") == 2
+
+
+class LeaseAttempts(monitoring.CommandListener):
+    """Tries at the main line's lease: findAndModify on the progress document."""
+
+    def __init__(self) -> None:
+        self.leases = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name, target = event.command_name, event.command.get(event.command_name)
+        self.leases += name == "findAndModify" and target == PROGRESS
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_replica_without_the_main_line_waits_for_its_lease_not_for_each_insert(
+    telemetry: Telemetry, mongo_uri: str
+) -> None:
+    """Every insert used to wake every replica to fail to take the lease: on one server, that
+    is what more replicas cost. Now only the holder is woken; the others try again when the
+    lease runs out, and take over then if the holder is gone (as after a crash)."""
+    lease = 3.0
+    db = telemetry.runtime.db
+    await telemetry.post(cli_event("held-dev"))
+    taken = datetime.now(UTC)
+    assert await main_line.lease(db, owner="gone-holder", seconds=lease) is not None
+    seen = LeaseAttempts()
+    client = make_client(mongo_uri, app_name="other-replica", event_listeners=[seen])
+    other = IngestWatcher(
+        TelemetryRuntime(
+            settings=telemetry.runtime.settings.model_copy(update={"ingest_lease_seconds": 30}),
+            client=client,
+        )
+    )
+    running = asyncio.create_task(other.run())
+    try:
+        await eventually(lambda: _at_least(seen.leases, 1))
+        for _ in range(10):
+            assert (await telemetry.post(cli_event("held-dev"))).status_code == 202
+        await asyncio.sleep(0.5)
+        periods = (datetime.now(UTC) - taken).total_seconds() // lease
+        assert seen.leases <= 2 + periods, "woken by inserts to fail to take the lease"
+        # The holder never renews: once its lease ran out, the other replica applies it all.
+        await eventually(lambda: _none_unapplied(telemetry), within=30)
+        assert await anonymous(telemetry, "held-dev") == 11
+    finally:
+        other.stop()
+        await asyncio.wait_for(running, timeout=20)
+        await client.close()
+
+
+async def _at_least(value: int, least: int) -> bool:
+    return value >= least
+
+
+async def _none_unapplied(telemetry: Telemetry) -> bool:
+    return await unapplied_events(telemetry.runtime.db) == 0
 
 
 async def test_events_stored_by_the_previous_release_are_applied_aside(

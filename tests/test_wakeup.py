@@ -1,0 +1,96 @@
+"""The wake-up stream is read only while a worker waits: a busy worker sends no getMore, and
+what changed meanwhile wakes its next wait at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+
+from shared_contracts.mongo import make_client
+from shared_contracts.wakeup import Wakeup
+from tests.support import DbNames, eventually
+
+
+class GetMores(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.count += event.command_name == "getMore"
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def watching(mongo_uri: str, db_names: DbNames) -> AsyncIterator[tuple[Wakeup, GetMores]]:
+    get_mores = GetMores()
+    client: AsyncMongoClient[dict[str, Any]] = make_client(
+        mongo_uri, app_name="wakeup-test", event_listeners=[get_mores]
+    )
+    wakeup = Wakeup(
+        client[db_names.telemetry]["things"],
+        [{"$match": {"operationType": "insert"}}],
+        poll_interval_seconds=30,
+    )
+    task = asyncio.create_task(wakeup.watch_forever())
+    try:
+        await eventually(lambda: _true(wakeup.active), within=20)
+        wakeup.clear()  # the opening wake-up: anything before the stream opened
+        yield wakeup, get_mores
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_busy_worker_reads_no_change_and_its_next_wait_wakes_at_once(
+    mongo_client: AsyncMongoClient[dict[str, Any]], mongo_uri: str, db_names: DbNames
+) -> None:
+    things = mongo_client[db_names.telemetry]["things"]
+    async with watching(mongo_uri, db_names) as (wakeup, get_mores):
+        for n in range(20):  # the worker is busy: nobody waits
+            await things.insert_one({"n": n})
+        await asyncio.sleep(0.5)
+        assert get_mores.count == 0
+        # Those changes were made after the worker last looked: its wait ends at once.
+        assert await asyncio.wait_for(wakeup.wait(), timeout=20)
+        assert get_mores.count >= 1
+
+
+async def test_a_change_while_waiting_wakes_the_worker(
+    mongo_client: AsyncMongoClient[dict[str, Any]], mongo_uri: str, db_names: DbNames
+) -> None:
+    things = mongo_client[db_names.telemetry]["things"]
+    async with watching(mongo_uri, db_names) as (wakeup, _):
+        waiting = asyncio.create_task(wakeup.wait())
+        await asyncio.sleep(0.2)
+        await things.insert_one({"n": 1})
+        assert await asyncio.wait_for(waiting, timeout=20)
+
+
+@pytest.mark.parametrize("woken", [True, False])
+async def test_a_wait_without_the_stream_reads_nothing_and_ends_by_set_or_time(
+    mongo_client: AsyncMongoClient[dict[str, Any]], mongo_uri: str, db_names: DbNames, woken: bool
+) -> None:
+    things = mongo_client[db_names.telemetry]["things"]
+    async with watching(mongo_uri, db_names) as (wakeup, get_mores):
+        waiting = asyncio.create_task(wakeup.wait(0.5 if not woken else 30, stream=False))
+        for n in range(5):
+            await things.insert_one({"n": n})
+        if woken:
+            wakeup.set()  # stop() and the like still end it
+        assert await asyncio.wait_for(waiting, timeout=20) is woken
+        assert get_mores.count == 0
