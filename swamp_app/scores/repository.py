@@ -61,12 +61,7 @@ async def apply_refresh(
     Addressed by userId, never by username: the name in the refresh may belong to someone else
     by now (renamed away, then taken)."""
     scores = db[USER_SCORES]
-    current = await scores.find_one({"_id": refresh.userId}, {"sourceVersion": 1}, session=session)
-    if current is None:
-        return "unknown_user"
     version = refresh.projectionVersion
-    if version <= int(current.get("sourceVersion", 0)):
-        return "stale"
     now = datetime.now(UTC)
     sources = score_sources(refresh.snapshot)
     score = canonical_score(sources)
@@ -77,8 +72,10 @@ async def apply_refresh(
         "reason": refresh.reason,
         "projectionVersion": version,
     }
+    # The version check is the update's filter: one command for the usual case (a newer
+    # projection); only a refresh that changed nothing asks why.
     result = await scores.update_one(
-        {"_id": current["_id"], "sourceVersion": {"$lt": version}},
+        {"_id": refresh.userId, "sourceVersion": {"$lt": version}},
         {
             "$set": {
                 "canonicalScore": score,
@@ -92,7 +89,10 @@ async def apply_refresh(
         },
         session=session,
     )
-    return "applied" if result.modified_count == 1 else "stale"
+    if result.modified_count == 1:
+        return "applied"
+    known = await scores.find_one({"_id": refresh.userId}, {"_id": 1}, session=session)
+    return "stale" if known else "unknown_user"
 
 
 async def read_score(db: Database, username: str) -> dict[str, Any] | None:

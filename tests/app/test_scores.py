@@ -6,10 +6,14 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from pymongo import monitoring
 
 from shared_contracts.messages import ScoreRefresh
-from swamp_app.collections import USERS
+from shared_contracts.mongo import make_client
+from swamp_app.collections import USER_SCORES, USERS
+from swamp_app.scores.repository import apply_refresh
 from swamp_app.scores.scoring import activity_score, canonical_score, score_sources
+from swamp_app.settings import AppSettings
 from tests.app.conftest import App
 
 
@@ -60,6 +64,50 @@ async def test_a_refresh_for_an_unknown_username_is_acknowledged(app: App) -> No
     await refresh(app, "ghost", 1, snapshot(1, 1))
     (message,) = await app.runtime.refreshes.collection.find().to_list()
     assert message["status"] == "done"
+
+
+async def test_a_refresh_says_what_it_did_and_a_newer_one_costs_one_command(
+    app: App, app_settings: AppSettings
+) -> None:
+    user = await app.register("fred")
+    commands = ScoreCommands()
+    client = make_client(app_settings.mongodb_uri, app_name="scores", event_listeners=[commands])
+    db = client[app.runtime.db.name]
+
+    async def outcome(user_id: str, version: int) -> str:
+        message = ScoreRefresh(
+            userId=user_id,
+            username="fred",
+            reason="ingest",
+            projectionVersion=version,
+            snapshot=snapshot(version, 1),
+        )
+        return await apply_refresh(db, message, history_cap=3, session=None)
+
+    try:
+        assert await outcome(user["id"], 2) == "applied"
+        assert commands.names == ["update"]
+        assert await outcome(user["id"], 2) == "stale"
+        assert await outcome(user["id"], 1) == "stale"
+        assert await outcome("nobody", 3) == "unknown_user"
+    finally:
+        await client.close()
+    assert (await app.score("fred"))["sourceVersion"] == 2
+
+
+class ScoreCommands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command.get(event.command_name) == USER_SCORES:
+            self.names.append(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
 
 
 async def test_the_leaderboard_is_sorted_by_canonical_score(app: App) -> None:
