@@ -49,8 +49,10 @@ async def find_by_ids(
     found: dict[Any, dict[str, Any]] = {}
     for start in range(0, len(wanted), MAX_IN_IDS):
         chunk = wanted[start : start + MAX_IN_IDS]
+        # One more than can match: a first batch exactly as large as the answer leaves the
+        # cursor open (the server cannot know it is done), and draining it costs a getMore.
         cursor = collection.find(
-            {"_id": {"$in": chunk}}, projection, session=session, batch_size=len(chunk)
+            {"_id": {"$in": chunk}}, projection, session=session, batch_size=len(chunk) + 1
         )
         async for document in cursor:
             found[document["_id"]] = document
