@@ -50,10 +50,12 @@ class CommandCounter(monitoring.CommandListener):
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         self.micros: collections.Counter[str] = collections.Counter()
+        self.by_target: collections.Counter[str] = collections.Counter()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name not in self.IGNORED:
             self.counts[event.command_name] += 1
+            self.by_target[f"{event.command_name} {target_of(event)}"] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         if event.command_name not in self.IGNORED:
@@ -75,6 +77,7 @@ class CommandCounter(monitoring.CommandListener):
     def reset(self) -> None:
         self.counts.clear()
         self.micros.clear()
+        self.by_target.clear()
 
     def snapshot(self) -> tuple[int, int]:
         return self.work(), self.get_more()
@@ -83,6 +86,14 @@ class CommandCounter(monitoring.CommandListener):
         """Share of the round-trip time spent in each command: where the work goes."""
         total = sum(self.micros.values()) or 1
         return {name: round(us / total, 3) for name, us in self.micros.most_common()}
+
+
+def target_of(event: monitoring.CommandStartedEvent) -> str:
+    """The collection a command addresses (getMore names it apart), or its database."""
+    name = event.command.get(event.command_name)
+    if event.command_name == "getMore":
+        name = event.command.get("collection")
+    return name if isinstance(name, str) else event.database_name
 
 
 @contextlib.contextmanager

@@ -190,7 +190,7 @@ async def traffic(
                 await until(lambda: settled(p), interval=0.2)
                 cpu_shares, server_time = cpu.shares(), profile.shares()
                 work, get_more = counter.snapshot()
-                by_command = dict(counter.counts.most_common())
+                by_command = dict(counter.by_target.most_common())
             # The services are stopped, their change streams closed: measure from the database.
             run = await measure(p, population, measured, started)
             run.batches = await watcher_batches(p) - batches_before
