@@ -80,12 +80,6 @@ async def lease(db: Database, *, owner: str, seconds: float) -> Progress | None:
     return Progress.from_document(document) if document else None
 
 
-async def lease_ends(db: Database) -> datetime | None:
-    """When the main line's current lease runs out (None: there is no progress document)."""
-    document = await db[PROGRESS].find_one({"_id": MAIN_LINE}, {"leaseUntil": 1})
-    return (document or {}).get("leaseUntil")
-
-
 async def release(db: Database, *, owner: str) -> None:
     """Nothing (applicable) was above the mark: that lease was no attempt at a batch, and an
     idle worker does not keep the main line from a replica that has work."""

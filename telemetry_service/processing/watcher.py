@@ -192,9 +192,8 @@ class IngestWatcher:
         self._batch_limit = self.settings.ingest_batch_size
         #: When events aside were last looked for (the main line looks every batch).
         self._aside_looked = -float("inf")
-        #: Seconds until another replica's lease on the main line runs out; None while this
-        #: worker holds it (or nobody does).
-        self._lease_elsewhere: float | None = None
+        #: Another replica held the main line at this worker's last try.
+        self._lease_elsewhere = False
 
     def stop(self) -> None:
         self._stopping.set()
@@ -218,16 +217,13 @@ class IngestWatcher:
             await asyncio.gather(watcher, return_exceptions=True)
 
     async def _idle(self) -> None:
-        """Wait for new events; or, while another replica holds the main line, until its lease
-        runs out. Only the holder watches the stream: a wake-up per insert would send every
-        other replica to fail to take the lease (what replicas cost the server, measured in
-        bench/replicas.py). The holder renews its lease while it works, releases it when idle,
-        and a replica that outlived the lease takes over, as after a crash."""
-        if self._lease_elsewhere is None:
-            await self.wakeup.wait()
-            return
-        lease = self.settings.ingest_lease_seconds
-        await self.wakeup.wait(min(max(self._lease_elsewhere, 0.01), lease), stream=False)
+        """Wait for new events; or, while another replica holds the main line, one poll
+        interval without the stream. Only the holder is woken by inserts: a wake-up per insert
+        sent every other replica to fail to take the lease (what replicas cost the server,
+        measured in bench/replicas.py). A holder that released the lease when idle and then
+        went away is replaced within a poll interval; one that died holding it, when the lease
+        runs out, as before."""
+        await self.wakeup.wait(stream=not self._lease_elsewhere)
 
     async def drain(self) -> int:
         """Apply batches until none is left (tests, the CLI, shutdown hooks)."""
@@ -262,12 +258,10 @@ class IngestWatcher:
     async def main_line_batch(self) -> int:
         db = self.runtime.db
         lease = self.settings.ingest_lease_seconds
+        self._lease_elsewhere = False  # also after a failed try: it is not known to be held
         read = await main_line.lease(db, owner=self.worker, seconds=lease)
-        self._lease_elsewhere = None
         if read is None:  # another replica applies the main line now
-            ends = await main_line.lease_ends(db)
-            now = datetime.now(UTC)
-            self._lease_elsewhere = (ends - now).total_seconds() if ends else 0.0
+            self._lease_elsewhere = True
             return 0
         try:
             documents = await main_line.above_mark(db, read, limit=self._batch_limit)

@@ -7,6 +7,9 @@ land late in a hole it skipped, exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -257,40 +260,64 @@ class LeaseAttempts(monitoring.CommandListener):
         pass
 
 
-async def test_a_replica_without_the_main_line_waits_for_its_lease_not_for_each_insert(
-    telemetry: Telemetry, mongo_uri: str
-) -> None:
-    """Every insert used to wake every replica to fail to take the lease: on one server, that
-    is what more replicas cost. Now only the holder is woken; the others try again when the
-    lease runs out, and take over then if the holder is gone (as after a crash)."""
-    lease = 3.0
-    db = telemetry.runtime.db
-    await telemetry.post(cli_event("held-dev"))
-    taken = datetime.now(UTC)
-    assert await main_line.lease(db, owner="gone-holder", seconds=lease) is not None
-    seen = LeaseAttempts()
+@contextlib.asynccontextmanager
+async def other_replica(
+    telemetry: Telemetry, mongo_uri: str, seen: LeaseAttempts
+) -> AsyncIterator[IngestWatcher]:
+    """A second replica's watcher running beside the test, its lease tries counted; it polls
+    once a second."""
     client = make_client(mongo_uri, app_name="other-replica", event_listeners=[seen])
+    update = {"ingest_lease_seconds": 30, "ingest_poll_interval_seconds": 1.0}
     other = IngestWatcher(
-        TelemetryRuntime(
-            settings=telemetry.runtime.settings.model_copy(update={"ingest_lease_seconds": 30}),
-            client=client,
-        )
-    )
+        TelemetryRuntime(settings=telemetry.runtime.settings.model_copy(update=update),
+                         client=client)
+    )  # fmt: skip
     running = asyncio.create_task(other.run())
     try:
         await eventually(lambda: _at_least(seen.leases, 1))
-        for _ in range(10):
-            assert (await telemetry.post(cli_event("held-dev"))).status_code == 202
-        await asyncio.sleep(0.5)
-        periods = (datetime.now(UTC) - taken).total_seconds() // lease
-        assert seen.leases <= 2 + periods, "woken by inserts to fail to take the lease"
-        # The holder never renews: once its lease ran out, the other replica applies it all.
-        await eventually(lambda: _none_unapplied(telemetry), within=30)
-        assert await anonymous(telemetry, "held-dev") == 11
+        yield other
     finally:
         other.stop()
         await asyncio.wait_for(running, timeout=20)
         await client.close()
+
+
+async def test_a_replica_without_the_main_line_is_not_woken_by_each_insert(
+    telemetry: Telemetry, mongo_uri: str
+) -> None:
+    """Every insert used to wake every replica to fail to take the lease: on one server, that
+    is what more replicas cost. Now only the holder is woken; the others try once a poll
+    interval, and take over when the lease runs out if the holder is gone (as after a
+    crash)."""
+    db = telemetry.runtime.db
+    await telemetry.post(cli_event("held-dev"))
+    assert await main_line.lease(db, owner="gone-holder", seconds=3) is not None
+    seen = LeaseAttempts()
+    started = time.monotonic()
+    async with other_replica(telemetry, mongo_uri, seen):
+        for _ in range(10):
+            assert (await telemetry.post(cli_event("held-dev"))).status_code == 202
+        await asyncio.sleep(0.5)
+        polls = (time.monotonic() - started) // 1.0
+        assert seen.leases <= 2 + polls, "woken by inserts to fail to take the lease"
+        # The holder never renews: once its lease ran out, the other replica applies it all.
+        await eventually(lambda: _none_unapplied(telemetry), within=30)
+    assert await anonymous(telemetry, "held-dev") == 11
+
+
+async def test_a_holder_that_let_go_when_idle_and_went_away_is_replaced_within_a_poll(
+    telemetry: Telemetry, mongo_uri: str
+) -> None:
+    """Found by attacking the above: a replica that slept until the holder's lease would end
+    left new events waiting that long (60 s by default) when the holder had released it,
+    idle, and then gone away."""
+    db = telemetry.runtime.db
+    assert await main_line.lease(db, owner="holder", seconds=30) is not None
+    seen = LeaseAttempts()
+    async with other_replica(telemetry, mongo_uri, seen):
+        await main_line.release(db, owner="holder")  # idle, then gone
+        assert (await telemetry.post(cli_event("late-dev"))).status_code == 202
+        await eventually(lambda: _none_unapplied(telemetry), within=10)
 
 
 async def _at_least(value: int, least: int) -> bool:
