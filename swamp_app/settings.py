@@ -11,6 +11,14 @@ class AppSettings(BusSettings):
     host: str = Field(default="127.0.0.1", alias="APP_HOST")
     port: int = Field(default=8000, alias="APP_PORT", ge=1, le=65535)
     score_history_cap: int = Field(default=50, alias="SCORE_HISTORY_CAP", ge=1, le=10_000)
+    score_refresh_batch_size: int = Field(
+        default=100,
+        alias="SCORE_REFRESH_BATCH_SIZE",
+        ge=1,
+        le=1000,
+        description="Score refreshes claimed and applied together, in one transaction "
+        "(1: one at a time).",
+    )
     max_body_bytes: int = Field(
         default=64 * 1024,
         alias="APP_MAX_BODY_BYTES",

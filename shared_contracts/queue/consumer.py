@@ -48,6 +48,19 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+#: Handles a batch claimed together in one transaction, acking it with ``ack_all``.
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
+
+
+async def ack_all(deliveries: list[Delivery], *, session: AsyncClientSession) -> None:
+    """Ack a batch inside the handler's transaction: one update for all of it; LeaseLost (and
+    the transaction aborts) if any of its leases was lost."""
+    if not deliveries:
+        return
+    await deliveries[0].queue.ack_many([d.claim for d in deliveries], session=session)
+    for delivery in deliveries:
+        delivery.acked = True
+
 
 #: Wake on what can make a message claimable: an insert, a return to pending, a new availableAt.
 WAKE_PIPELINE: list[dict[str, Any]] = [
@@ -68,9 +81,24 @@ def worker_id() -> str:
 
 
 class Consumer:
-    def __init__(self, queue: Queue, handler: Handler, *, worker: str | None = None) -> None:
+    """``handler`` handles one message. With ``batch_handler``, up to ``batch_size`` available
+    messages are claimed together and handled in one call (one transaction); if that call
+    fails, each message of the batch is handled on its own by ``handler``, so one bad message
+    fails alone."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        handler: Handler,
+        *,
+        worker: str | None = None,
+        batch_handler: BatchHandler | None = None,
+        batch_size: int = 1,
+    ) -> None:
         self.queue = queue
         self.handler = handler
+        self.batch_handler = batch_handler
+        self.batch_size = batch_size if batch_handler is not None else 1
         self.config = queue.config
         self.worker = worker or worker_id()
         self.wakeup = Wakeup(
@@ -98,11 +126,12 @@ class Consumer:
             await asyncio.gather(*background, *self._in_flight, return_exceptions=True)
 
     async def drain(self) -> int:
-        """Handle messages one at a time until none is available (tests, operator commands)."""
+        """Handle messages (a claim at a time) until none is available (tests, operator
+        commands)."""
         handled = 0
-        while (claim := await self.queue.claim(worker=self.worker)) is not None:
-            await self._handle(claim)
-            handled += 1
+        while claims := await self.queue.claim_many(worker=self.worker, limit=self.batch_size):
+            await self._handle_claims(claims)
+            handled += len(claims)
         return handled
 
     def stop(self, *, grace_seconds: float = 10.0) -> None:
@@ -120,12 +149,12 @@ class Consumer:
         while not self._stopping.is_set():
             await slots.acquire()
             self.wakeup.clear()  # before the claim: a wake-up during it is not lost
-            claim = await self._try_claim()
-            if claim is None:
+            claims = await self._try_claim()
+            if not claims:
                 slots.release()
                 await self.wakeup.wait()
                 continue
-            task = asyncio.create_task(self._handle(claim))
+            task = asyncio.create_task(self._handle_claims(claims))
             self._in_flight.add(task)
 
             def finished(task: asyncio.Task[None]) -> None:
@@ -134,39 +163,90 @@ class Consumer:
 
             task.add_done_callback(finished)
 
-    async def _try_claim(self) -> Claim | None:
+    async def _try_claim(self) -> list[Claim]:
         if self._stopping.is_set():
-            return None
+            return []
         try:
-            return await self.queue.claim(worker=self.worker)
+            return await self.queue.claim_many(worker=self.worker, limit=self.batch_size)
         except PyMongoError as exc:
             # A malformed document can make the claim itself fail; sweep it aside and go on.
             log.warning("%s: claim failed (%s); sweeping malformed documents", self.queue.name, exc)
             with contextlib.suppress(PyMongoError):
                 await self.queue.sweep_malformed()
-            return None
+            return []
 
-    async def _handle(self, claim: Claim) -> None:
-        # Its logs carry the id of the HTTP request that published it.
-        token = REQUEST_ID.set(str(claim.document.get("requestId") or NO_REQUEST))
+    async def _handle_claims(self, claims: list[Claim]) -> None:
+        # Its logs carry the id of the HTTP request that published it (a batch's: all of them).
+        ids = sorted({str(c.document.get("requestId") or NO_REQUEST) for c in claims})
+        token = REQUEST_ID.set(",".join(ids[:5]) + (f",+{len(ids) - 5}" if len(ids) > 5 else ""))
         try:
-            await self._handle_claim(claim)
+            if self.batch_handler is None:
+                for claim in claims:
+                    delivery = await self._deliverable(claim)
+                    if delivery is not None:
+                        await self._handle_delivery(delivery)
+            else:
+                await self._handle_batch(self.batch_handler, claims)
         finally:
             REQUEST_ID.reset(token)
 
-    async def _handle_claim(self, claim: Claim) -> None:
+    async def _deliverable(self, claim: Claim) -> Delivery | None:
+        """The claim as a delivery, or None once it was moved to dead (unreadable, or its leases
+        kept expiring: a handler that crashes the worker)."""
         try:
             message = parse_message(claim.document, self.queue.types)
         except InvalidMessage as exc:
             await self.queue.dead_letter(claim, exc)
-            return
+            return None
         if claim.attempts > claim.max_attempts:
-            # Claimed again after its leases kept expiring (a handler that crashes the worker).
             await self.queue.dead_letter(
                 claim, RuntimeError("maxAttempts exceeded: leases expired")
             )
+            return None
+        return Delivery(message=message, claim=claim, queue=self.queue)
+
+    async def _handle_batch(self, handler: BatchHandler, claims: list[Claim]) -> None:
+        deliveries = [d for claim in claims if (d := await self._deliverable(claim)) is not None]
+        if not deliveries:
             return
-        delivery = Delivery(message=message, claim=claim, queue=self.queue)
+        renewer = asyncio.create_task(self._renew_batch_forever([d.claim for d in deliveries]))
+        try:
+            await handler(deliveries)
+        except asyncio.CancelledError:
+            if self._release_on_cancel:
+                await asyncio.shield(self._release_all([d.claim for d in deliveries]))
+            raise
+        except Exception as exc:
+            renewer.cancel()
+            log.warning("%s: a batch of %d failed (%s: %s); each message is handled on its own",
+                        self.queue.name, len(deliveries), type(exc).__name__, exc)  # fmt: skip
+            for delivery in deliveries:  # its transaction did not commit: nothing was acked
+                delivery.acked = False
+                await self._handle_delivery(delivery)
+            return
+        else:
+            await self.queue.promote_after([d.claim for d in deliveries if d.acked])
+            for delivery in deliveries:
+                if not delivery.acked:
+                    await self.queue.ack(delivery.claim)
+        finally:
+            renewer.cancel()
+
+    async def _release_all(self, claims: list[Claim]) -> None:
+        for claim in claims:
+            await self.queue.release(claim)
+
+    async def _renew_batch_forever(self, claims: list[Claim]) -> None:
+        while True:
+            await asyncio.sleep(self.config.renew_every_seconds)
+            try:
+                if not await self.queue.renew_many(claims):
+                    return
+            except PyMongoError as exc:
+                log.warning("%s: lease renewal of a batch failed: %s", self.queue.name, exc)
+
+    async def _handle_delivery(self, delivery: Delivery) -> None:
+        claim = delivery.claim
         renewer = asyncio.create_task(self._renew_forever(claim))
         try:
             await self.handler(delivery)

@@ -246,6 +246,18 @@ class Queue:
 
     # --- claiming -----------------------------------------------------------------------
 
+    def _claiming(self, *, worker: str, token: str, now: datetime) -> Document:
+        return {
+            "$set": {
+                "status": ACTIVE,
+                "claimToken": token,
+                "claimedBy": worker,
+                "leaseUntil": now + timedelta(seconds=self.config.lease_seconds),
+                "updatedAt": now,
+            },
+            "$inc": {"attempts": 1},
+        }
+
     async def claim(self, *, worker: str) -> Claim | None:
         """Lease the next available message, or None. One indexed find_one_and_update."""
         for _ in range(3):  # a claim parked behind an earlier message is retried at once
@@ -253,16 +265,7 @@ class Queue:
             token = uuid.uuid4().hex
             document = await self.collection.find_one_and_update(
                 {"status": PENDING, "availableAt": {"$lte": now}},
-                {
-                    "$set": {
-                        "status": ACTIVE,
-                        "claimToken": token,
-                        "claimedBy": worker,
-                        "leaseUntil": now + timedelta(seconds=self.config.lease_seconds),
-                        "updatedAt": now,
-                    },
-                    "$inc": {"attempts": 1},
-                },
+                self._claiming(worker=worker, token=token, now=now),
                 sort=[("availableAt", 1)],
                 return_document=ReturnDocument.AFTER,
             )
@@ -273,6 +276,64 @@ class Queue:
                 return claim
             await self._park(claim)
         return None
+
+    async def claim_many(self, *, worker: str, limit: int) -> list[Claim]:
+        """Lease up to ``limit`` available messages under one token: three commands however
+        many (their ids, one update_many, the claimed documents read back), where ``claim``
+        costs one per message. Messages whose claim was lost to a concurrent worker between
+        the first two are simply not in the answer. Ordering keys hold as in ``claim``, with
+        one read for the whole batch."""
+        if limit <= 1:
+            claim = await self.claim(worker=worker)
+            return [claim] if claim else []
+        now = self.clock()
+        available = {"status": PENDING, "availableAt": {"$lte": now}}
+        candidates = self.collection.find(
+            available, {"_id": 1}, sort=[("availableAt", 1)], limit=limit
+        )
+        ids = [document["_id"] async for document in candidates]
+        if not ids:
+            return []
+        token = uuid.uuid4().hex
+        await self.collection.update_many(
+            {**available, "_id": {"$in": ids}}, self._claiming(worker=worker, token=token, now=now)
+        )
+        claimed = self.collection.find(
+            {"_id": {"$in": ids}, "claimToken": token, "status": ACTIVE},
+            sort=[("availableAt", 1)],
+            batch_size=len(ids) + 1,
+        )
+        claims = [Claim(id=d["_id"], token=token, document=d) async for d in claimed]
+        blocked = await self._behind_earlier_many(claims)
+        for claim in blocked:
+            await self._park(claim)
+        parked = {claim.id for claim in blocked}
+        return [claim for claim in claims if claim.id not in parked]
+
+    async def _behind_earlier_many(self, claims: list[Claim]) -> list[Claim]:
+        """The claims behind an unfinished message of their key with a lower orderSeq (another
+        worker's, or one in this very batch)."""
+        keyed = [claim for claim in claims if claim.ordering_key is not None]
+        if not keyed:
+            return []
+        unfinished = self.collection.find(
+            {
+                "orderingKey": {"$in": sorted({c.ordering_key for c in keyed if c.ordering_key})},
+                "status": {"$in": [PENDING, ACTIVE]},
+            },
+            {"orderingKey": 1, "orderSeq": 1},
+        )
+        first: dict[str, Any] = {}
+        async for document in unfinished:
+            key, seq = document.get("orderingKey"), document.get("orderSeq")
+            if isinstance(key, str) and isinstance(seq, int) and seq < first.get(key, seq + 1):
+                first[key] = seq
+        return [
+            claim
+            for claim in keyed
+            if isinstance(seq := claim.document.get("orderSeq"), int)
+            and first.get(claim.ordering_key or "", seq) < seq
+        ]
 
     async def _behind_earlier(self, claim: Claim) -> bool:
         earlier = await self.collection.find_one(
@@ -341,6 +402,42 @@ class Queue:
         await self._after_finish(claim, session)
         return True
 
+    async def ack_many(self, claims: list[Claim], *, session: AsyncClientSession) -> None:
+        """Mark a batch claimed together done, in the handler's transaction: one update_many.
+        If any lease was lost, LeaseLost aborts the transaction (none counts as done)."""
+        if not claims:
+            return
+        now = self.clock()
+        tokens = {claim.token for claim in claims}
+        if len(tokens) != 1:
+            raise ValueError("ack_many acknowledges one claim_many batch (one token)")
+        update = {
+            "$set": {**_CLAIM_RELEASED["$set"], "status": DONE, "doneAt": now, "updatedAt": now}
+        }
+        result = await self.collection.update_many(
+            {"_id": {"$in": [c.id for c in claims]}, "claimToken": tokens.pop(), "status": ACTIVE},
+            update,
+            session=session,
+        )
+        if result.modified_count != len(claims):
+            self._lost_lease(claims[0], "ack of a batch")
+            raise LeaseLost(f"{self.name}: a lease in a batch of {len(claims)} was lost")
+        metrics.OUTCOMES.labels(self.name, DONE).inc(len(claims))
+
+    async def promote_after(self, claims: list[Claim]) -> None:
+        """After a batch finished (committed): the next message of each key that has one
+        parked may go. One read for the batch; a promotion only where something waits."""
+        keys = sorted({c.ordering_key for c in claims if c.ordering_key is not None})
+        if not keys:
+            return
+        parked = self.collection.find(
+            {"orderingKey": {"$in": keys}, "status": PENDING, "availableAt": PARKED},
+            {"orderingKey": 1},
+        )
+        waiting = {d["orderingKey"] async for d in parked}
+        for key in sorted(waiting):
+            await self.promote(key, check_blocking=False)
+
     async def fail(self, claim: Claim, error: BaseException) -> bool:
         """Retry later with backoff, or dead after maxAttempts."""
         now = self.clock()
@@ -403,6 +500,18 @@ class Queue:
         elif outcome == "superseded":
             await self._after_finish(claim, None)
         return outcome != "missed"
+
+    async def renew_many(self, claims: list[Claim]) -> int:
+        """Renew a batch's leases in one update; how many are still ours."""
+        if not claims:
+            return 0
+        lease_until = self.clock() + timedelta(seconds=self.config.lease_seconds)
+        result = await self.collection.update_many(
+            {"_id": {"$in": [c.id for c in claims]}, "claimToken": claims[0].token,
+             "status": ACTIVE},
+            {"$set": {"leaseUntil": lease_until}},
+        )  # fmt: skip
+        return result.modified_count
 
     async def renew(self, claim: Claim) -> bool:
         lease_until = self.clock() + timedelta(seconds=self.config.lease_seconds)

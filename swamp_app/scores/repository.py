@@ -6,6 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -61,8 +62,52 @@ async def apply_refresh(
     Addressed by userId, never by username: the name in the refresh may belong to someone else
     by now (renamed away, then taken)."""
     scores = db[USER_SCORES]
-    version = refresh.projectionVersion
+    # The version check is the update's filter: one command for the usual case (a newer
+    # projection); only a refresh that changed nothing asks why.
+    result = await scores.update_one(
+        *_rescore(refresh, history_cap=history_cap, now=datetime.now(UTC)), session=session
+    )
+    if result.modified_count == 1:
+        return "applied"
+    known = await scores.find_one({"_id": refresh.userId}, {"_id": 1}, session=session)
+    return "stale" if known else "unknown_user"
+
+
+async def apply_refreshes(
+    db: Database, refreshes: list[ScoreRefresh], *, history_cap: int, session: AsyncClientSession
+) -> list[Applied]:
+    """apply_refresh for a batch, in the caller's transaction: one read of the users' versions
+    and one bulk write, whatever its size. The outcomes are in the order of ``refreshes``.
+
+    The read is the transaction's snapshot, and each update keeps its version check: if a
+    concurrent writer changed a score meanwhile, the transaction conflicts and is retried."""
+    ids = sorted({r.userId for r in refreshes})
+    found = db[USER_SCORES].find(
+        {"_id": {"$in": ids}}, {"sourceVersion": 1}, batch_size=len(ids) + 1, session=session
+    )
+    versions = {d["_id"]: int(d.get("sourceVersion", 0)) async for d in found}
+    newest: dict[str, ScoreRefresh] = {}  # per user, the newest refresh newer than its score
+    for refresh in refreshes:
+        user = refresh.userId
+        floor = max(versions.get(user, 0), newest[user].projectionVersion if user in newest else 0)
+        if user in versions and refresh.projectionVersion > floor:
+            newest[user] = refresh
     now = datetime.now(UTC)
+    updates = [UpdateOne(*_rescore(r, history_cap=history_cap, now=now)) for r in newest.values()]
+    if updates:
+        await db[USER_SCORES].bulk_write(updates, ordered=False, session=session)
+    applied = {id(r) for r in newest.values()}
+    return [
+        "applied" if id(r) in applied else "stale" if r.userId in versions else "unknown_user"
+        for r in refreshes
+    ]
+
+
+def _rescore(
+    refresh: ScoreRefresh, *, history_cap: int, now: datetime
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The filter and update that apply ``refresh`` to its user's score if it is newer."""
+    version = refresh.projectionVersion
     sources = score_sources(refresh.snapshot)
     score = canonical_score(sources)
     entry = {
@@ -72,9 +117,7 @@ async def apply_refresh(
         "reason": refresh.reason,
         "projectionVersion": version,
     }
-    # The version check is the update's filter: one command for the usual case (a newer
-    # projection); only a refresh that changed nothing asks why.
-    result = await scores.update_one(
+    return (
         {"_id": refresh.userId, "sourceVersion": {"$lt": version}},
         {
             "$set": {
@@ -87,12 +130,7 @@ async def apply_refresh(
             # Newest last, bounded: the oldest entries fall off.
             "$push": {"scoreHistory": {"$each": [entry], "$slice": -history_cap}},
         },
-        session=session,
     )
-    if result.modified_count == 1:
-        return "applied"
-    known = await scores.find_one({"_id": refresh.userId}, {"_id": 1}, session=session)
-    return "stale" if known else "unknown_user"
 
 
 async def read_score(db: Database, username: str) -> dict[str, Any] | None:

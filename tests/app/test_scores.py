@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo import monitoring
+from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ScoreRefresh
-from shared_contracts.mongo import make_client
+from shared_contracts.mongo import in_transaction, make_client
 from swamp_app.collections import USER_SCORES, USERS
-from swamp_app.scores.repository import apply_refresh
+from swamp_app.runtime import AppRuntime
+from swamp_app.scores.consumer import score_refresh_consumer
+from swamp_app.scores.repository import apply_refresh, apply_refreshes
 from swamp_app.scores.scoring import activity_score, canonical_score, score_sources
 from swamp_app.settings import AppSettings
 from tests.app.conftest import App
@@ -95,12 +98,106 @@ async def test_a_refresh_says_what_it_did_and_a_newer_one_costs_one_command(
     assert (await app.score("fred"))["sourceVersion"] == 2
 
 
+async def test_refreshes_waiting_together_are_applied_in_one_transaction_of_few_commands(
+    app: App, app_settings: AppSettings
+) -> None:
+    """A watcher batch publishes a refresh per user it changed; the app claims and applies
+    them together: a fixed handful of commands, not half a dozen per refresh."""
+    users = [await app.register(f"batch{n}") for n in range(30)]
+    for n, user in enumerate(users):
+        await app.runtime.refreshes.publish(made_refresh(user["id"], 1, snapshot(n + 1, 1)))
+    # and one for a user the app does not know
+    await app.runtime.refreshes.publish(made_refresh("nobody", 1, snapshot(1, 1)))
+    commands = ScoreCommands(every=True)
+    client = make_client(app_settings.mongodb_uri, app_name="scores", event_listeners=[commands])
+    settings_ = app.runtime.settings.model_copy(update={"score_refresh_batch_size": 100})
+    try:
+        assert await score_refresh_consumer(AppRuntime(settings_, client)).drain() == 31
+    finally:
+        await client.close()
+    # claim (find, update, find), ordering keys (find), versions (find), bulk write (update),
+    # ack (update), commit, parked check (find); then the empty claim (find)
+    assert len(commands.names) <= 10, commands.names
+    for n in range(30):
+        score = await app.score(f"batch{n}")
+        expected = canonical_score(score_sources(snapshot(n + 1, 1)))
+        assert (score["sourceVersion"], score["canonicalScore"]) == (1, expected)
+    done = await app.runtime.refreshes.collection.count_documents({"status": "done"})
+    assert done == 31
+
+
+refresh_batches = st.lists(
+    st.tuples(st.sampled_from(["uu1", "uu2", "uu3", "ghost"]), st.integers(1, 6)),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batches=st.lists(refresh_batches, min_size=1, max_size=4))
+async def test_a_batch_applies_per_user_the_newest_version_newer_than_the_score(
+    app: App, batches: list[list[tuple[str, int]]]
+) -> None:
+    """However refreshes are grouped (duplicates, reordering, several of one user in one
+    batch), each known user ends at the highest version seen, its history strictly rising,
+    and each outcome says what happened."""
+    ids = {}
+    for name in ("uu1", "uu2", "uu3"):
+        user = await app.runtime.db[USERS].find_one({"username": name})
+        ids[name] = user["_id"] if user else (await app.register(name))["id"]
+    await app.runtime.db[USER_SCORES].update_many(
+        {}, {"$set": {"sourceVersion": 0, "scoreHistory": []}}
+    )
+    best: dict[str, int] = {}
+    for batch in batches:
+        refreshes = [
+            made_refresh(ids.get(name, "ghost-id"), v, snapshot(v, v)) for name, v in batch
+        ]
+        outcomes = await applied_together(app, refreshes)
+        for (name, version), outcome in zip(batch, outcomes, strict=True):
+            if name == "ghost":
+                assert outcome == "unknown_user"
+            elif outcome == "applied":
+                assert version > best.get(name, 0)
+                assert version == max(v for n, v in batch if n == name)
+        for name, version in batch:
+            if name != "ghost":
+                best[name] = max(best.get(name, 0), version)
+    for name in ("uu1", "uu2", "uu3"):
+        score = await app.runtime.db[USER_SCORES].find_one({"_id": ids[name]})
+        assert score is not None
+        assert score["sourceVersion"] == best.get(name, 0)
+        history = [h["projectionVersion"] for h in score["scoreHistory"]]
+        assert history == sorted(set(history))
+
+
+def made_refresh(user_id: str, version: int, snap: dict[str, Any]) -> ScoreRefresh:
+    return ScoreRefresh(
+        userId=user_id, username=None, reason="ingest", projectionVersion=version, snapshot=snap
+    )
+
+
+async def applied_together(app: App, refreshes: list[ScoreRefresh]) -> list[str]:
+    outcomes: list[str] = []
+
+    async def apply(session: AsyncClientSession) -> None:
+        outcomes[:] = await apply_refreshes(
+            app.runtime.db, refreshes, history_cap=1000, session=session
+        )
+
+    await in_transaction(app.runtime.client, apply)
+    return outcomes
+
+
 class ScoreCommands(monitoring.CommandListener):
-    def __init__(self) -> None:
+    def __init__(self, *, every: bool = False) -> None:
         self.names: list[str] = []
+        self.every = every
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command.get(event.command_name) == USER_SCORES:
+        if event.command_name == "endSessions":  # the client closing, not work
+            return
+        if self.every or event.command.get(event.command_name) == USER_SCORES:
             self.names.append(event.command_name)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
