@@ -206,29 +206,41 @@ class Consumer:
         return Delivery(message=message, claim=claim, queue=self.queue)
 
     async def _handle_batch(self, handler: BatchHandler, claims: list[Claim]) -> None:
-        deliveries = [d for claim in claims if (d := await self._deliverable(claim)) is not None]
-        if not deliveries:
-            return
-        renewer = asyncio.create_task(self._renew_batch_forever([d.claim for d in deliveries]))
+        #: The claims not finished yet and not handed to a handler of their own: renewed
+        #: together, and released together if the worker stops.
+        waiting = list(claims)
+        renewer = asyncio.create_task(self._renew_batch_forever(waiting))
         try:
-            await handler(deliveries)
-        except asyncio.CancelledError:
-            if self._release_on_cancel:
-                await asyncio.shield(self._release_all([d.claim for d in deliveries]))
-            raise
-        except Exception as exc:
-            renewer.cancel()
-            log.warning("%s: a batch of %d failed (%s: %s); each message is handled on its own",
-                        self.queue.name, len(deliveries), type(exc).__name__, exc)  # fmt: skip
-            for delivery in deliveries:  # its transaction did not commit: nothing was acked
-                delivery.acked = False
-                await self._handle_delivery(delivery)
-            return
-        else:
+            deliveries = []
+            for claim in claims:
+                delivery = await self._deliverable(claim)
+                if delivery is None:
+                    waiting.remove(claim)
+                else:
+                    deliveries.append(delivery)
+            if not deliveries:
+                return
+            try:
+                await handler(deliveries)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: a batch of %d failed (%s: %s); each message is handled on its own",
+                            self.queue.name, len(deliveries), type(exc).__name__, exc)  # fmt: skip
+                for delivery in deliveries:  # its transaction did not commit: nothing was acked
+                    delivery.acked = False
+                    waiting.remove(delivery.claim)  # renewed by its own handling now
+                    await self._handle_delivery(delivery)
+                return
+            waiting.clear()
             await self.queue.promote_after([d.claim for d in deliveries if d.acked])
             for delivery in deliveries:
                 if not delivery.acked:
                     await self.queue.ack(delivery.claim)
+        except asyncio.CancelledError:
+            if self._release_on_cancel:
+                await asyncio.shield(self._release_all(list(waiting)))
+            raise
         finally:
             renewer.cancel()
 
@@ -237,11 +249,13 @@ class Consumer:
             await self.queue.release(claim)
 
     async def _renew_batch_forever(self, claims: list[Claim]) -> None:
+        """Renew the claims in ``claims`` (a list the batch shrinks as it goes)."""
         while True:
             await asyncio.sleep(self.config.renew_every_seconds)
+            if not claims:
+                continue
             try:
-                if not await self.queue.renew_many(claims):
-                    return
+                await self.queue.renew_many(list(claims))
             except PyMongoError as exc:
                 log.warning("%s: lease renewal of a batch failed: %s", self.queue.name, exc)
 

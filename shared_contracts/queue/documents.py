@@ -7,6 +7,7 @@ the consumer dead-letters instead of crashing.
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ QUEUE_FIELDS: Final = frozenset(
         "claimedBy",
         "createdAt",
         "updatedAt",
+        "payloadSeq",
         "doneAt",
         "lastError",
         "dedupeKey",
@@ -75,6 +77,9 @@ def new_document(
         document["requestId"] = request_id
     if (dedupe_key := message.dedupe_key()) is not None:
         document["dedupeKey"] = dedupe_key
+        # When the payload was published: of two messages of one key, the later payload wins
+        # (a pending message absorbs newer payloads, so its orderSeq does not say).
+        document["payloadSeq"] = time.time_ns()
     if (ordering_key := message.ordering_key()) is not None:
         document["orderingKey"] = ordering_key
         document["orderSeq"] = order_seq

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from shared_contracts.messages import Message, types_for_queue
 from shared_contracts.queue import metrics
@@ -116,29 +116,57 @@ async def to_pending(
 ) -> ToPending:
     """The one way a message goes back to pending (retry, release, reap, park, operator retry).
 
-    If a newer message with the same dedupeKey is already pending, the unique partial index
-    refuses the move. That newer message carries the newer payload (coalescing), so this one is
-    superseded: it is finished as done, never lost and never blocking the index.
+    If another message with the same dedupeKey is already pending, the unique partial index
+    refuses the move, and the one with the older payload gives way, finished as done
+    (``supersededAt``), never lost and never blocking the index: usually this one, as the
+    pending one absorbed every later publish; but a message parked behind its key may be
+    newer than the one parked before it, and then the pending one gives way.
     """
     update: Document = {"$set": {**_CLAIM_RELEASED["$set"], **fields, "status": PENDING}}
     if inc:
         update["$inc"] = inc
-    try:
-        result = await collection.update_one(query, update)
-        return "pending" if result.modified_count == 1 else "missed"
-    except DuplicateKeyError:
-        superseded = {
-            **_CLAIM_RELEASED["$set"],
-            "status": DONE,
-            "doneAt": now,
-            "updatedAt": now,
-            "supersededAt": now,
-        }
+    superseded = {
+        **_CLAIM_RELEASED["$set"],
+        "status": DONE,
+        "doneAt": now,
+        "updatedAt": now,
+        "supersededAt": now,
+    }
+    for _ in range(3):
+        try:
+            result = await collection.update_one(query, update)
+            return "pending" if result.modified_count == 1 else "missed"
+        except DuplicateKeyError:
+            pass
+        mine = await collection.find_one(query, {"dedupeKey": 1, "payloadSeq": 1, "orderSeq": 1})
+        if mine is None:
+            return "missed"
+        waiting = await collection.find_one(
+            {"dedupeKey": mine.get("dedupeKey"), "status": PENDING},
+            {"payloadSeq": 1, "orderSeq": 1},
+        )
+        if waiting is None:
+            continue  # claimed meanwhile: nothing pending to collide with any more
+        if _payload_seq(waiting) < _payload_seq(mine):
+            # The waiting one is older: it gives way, then this one moves (again).
+            outcome = await collection.update_one(
+                {"_id": waiting["_id"], "status": PENDING}, {"$set": superseded}
+            )
+            if outcome.modified_count == 1:
+                metrics.OUTCOMES.labels(collection.name, "superseded").inc()
+            continue
         result = await collection.update_one(query, {"$set": superseded})
         if result.modified_count == 1:
             metrics.OUTCOMES.labels(collection.name, "superseded").inc()
             return "superseded"
         return "missed"
+    return "missed"
+
+
+def _payload_seq(document: Document) -> int:
+    """When a message's payload was published (older releases' documents: their orderSeq)."""
+    value = document.get("payloadSeq", document.get("orderSeq"))
+    return value if isinstance(value, int) else 0
 
 
 class Queue:
@@ -209,7 +237,11 @@ class Queue:
             await self.collection.bulk_write(operations, ordered=False)
 
     def _coalescing_upsert(self, document: Document) -> tuple[Document, Document]:
-        replaceable = {**payload_of(document), "updatedAt": document["updatedAt"]}
+        replaceable = {
+            **payload_of(document),
+            "updatedAt": document["updatedAt"],
+            "payloadSeq": document["payloadSeq"],
+        }
         if "requestId" in document:  # the latest publisher's request, like the payload
             replaceable["requestId"] = document["requestId"]
         first_time = {k: v for k, v in document.items() if k not in replaceable and k != "status"}
@@ -286,6 +318,14 @@ class Queue:
         if limit <= 1:
             claim = await self.claim(worker=worker)
             return [claim] if claim else []
+        for _ in range(3):  # a batch that was all parked behind earlier messages: at once again
+            found, claims = await self._claim_batch(worker=worker, limit=limit)
+            if claims or not found:
+                return claims
+        return []
+
+    async def _claim_batch(self, *, worker: str, limit: int) -> tuple[bool, list[Claim]]:
+        """(whether any message was available, the claims not parked)."""
         now = self.clock()
         available = {"status": PENDING, "availableAt": {"$lte": now}}
         candidates = self.collection.find(
@@ -293,11 +333,18 @@ class Queue:
         )
         ids = [document["_id"] async for document in candidates]
         if not ids:
-            return []
+            return False, []
         token = uuid.uuid4().hex
-        await self.collection.update_many(
-            {**available, "_id": {"$in": ids}}, self._claiming(worker=worker, token=token, now=now)
-        )
+        try:
+            await self.collection.update_many(
+                {**available, "_id": {"$in": ids}},
+                self._claiming(worker=worker, token=token, now=now),
+            )
+        except PyMongoError:
+            # A malformed document stops the update part-way (no rollback): what it claimed
+            # goes back untouched, and the caller sweeps the malformed one aside.
+            await self._release_token(ids, token)
+            raise
         claimed = self.collection.find(
             {"_id": {"$in": ids}, "claimToken": token, "status": ACTIVE},
             sort=[("availableAt", 1)],
@@ -308,7 +355,12 @@ class Queue:
         for claim in blocked:
             await self._park(claim)
         parked = {claim.id for claim in blocked}
-        return [claim for claim in claims if claim.id not in parked]
+        return True, [claim for claim in claims if claim.id not in parked]
+
+    async def _release_token(self, ids: list[Any], token: str) -> None:
+        stranded = self.collection.find({"_id": {"$in": ids}, "claimToken": token})
+        async for document in stranded:
+            await self.release(Claim(id=document["_id"], token=token, document=document))
 
     async def _behind_earlier_many(self, claims: list[Claim]) -> list[Claim]:
         """The claims behind an unfinished message of their key with a lower orderSeq (another

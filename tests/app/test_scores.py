@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo import monitoring
@@ -11,6 +14,8 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ScoreRefresh
 from shared_contracts.mongo import in_transaction, make_client
+from shared_contracts.queue.consumer import Consumer, Delivery
+from shared_contracts.queue.engine import Queue
 from swamp_app.collections import USER_SCORES, USERS
 from swamp_app.runtime import AppRuntime
 from swamp_app.scores.consumer import score_refresh_consumer
@@ -18,6 +23,7 @@ from swamp_app.scores.repository import apply_refresh, apply_refreshes
 from swamp_app.scores.scoring import activity_score, canonical_score, score_sources
 from swamp_app.settings import AppSettings
 from tests.app.conftest import App
+from tests.support import eventually
 
 
 def snapshot(days: int, successes: int, commands: dict[str, int] | None = None) -> dict[str, Any]:
@@ -247,3 +253,71 @@ def test_the_score_is_deterministic_and_canonical_is_the_sum(
     sources = score_sources(snap)
     assert list(sources) == ["activity"]
     assert canonical_score(sources) == round(sum(sources.values()), 2)
+
+
+@pytest.mark.parametrize("seed", [8, 13, 14])
+async def test_concurrent_batch_consumers_end_each_user_at_the_newest_published_version(
+    app: App, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """3 batch consumers (batch 5), refreshes published while they run, a batch failing now
+    and then (fallback), a slow ordering check: at rest each score carries the newest version
+    published for its user (it failed for some seeds: test_two_parks_racing_keep_the_newest_
+    refresh)."""
+    users = [(await app.register(f"stress{n}"))["id"] for n in range(4)]
+    rng = random.Random(seed)
+    settings_ = app.runtime.settings.model_copy(update={"score_refresh_batch_size": 5})
+    published: dict[str, int] = {}
+
+    def flaky(consumer: Consumer) -> Consumer:
+        batch = consumer.batch_handler
+        assert batch is not None
+
+        async def on_batch(deliveries: list[Delivery]) -> None:
+            await asyncio.sleep(rng.random() * 0.01)
+            if rng.random() < 0.2:
+                raise RuntimeError("batch trouble")
+            await batch(deliveries)
+
+        consumer.batch_handler = on_batch
+        return consumer
+
+    # A loaded database: the ordering check's read takes a few ms (widens claim -> park).
+    slow_check = Queue._behind_earlier_many
+
+    async def check(self: Queue, claims: list[Any]) -> list[Any]:
+        await asyncio.sleep(0.005)
+        return await slow_check(self, claims)
+
+    monkeypatch.setattr(Queue, "_behind_earlier_many", check)
+    workers = [
+        flaky(score_refresh_consumer(AppRuntime(settings_, app.runtime.client), worker=f"w{i}"))
+        for i in range(3)
+    ]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        for _ in range(150):
+            user = rng.choice(users)
+            version = published.get(user, 0) + rng.randint(1, 2)
+            published[user] = version
+            await app.runtime.refreshes.publish(
+                ScoreRefresh(userId=user, username=None, reason="ingest",
+                             projectionVersion=version, snapshot={"activeDays": version})
+            )  # fmt: skip
+            if rng.random() < 0.3:
+                await asyncio.sleep(0.005)
+
+        async def settled() -> bool:
+            q = app.runtime.refreshes.collection
+            return await q.count_documents({"status": {"$in": ["pending", "active"]}}) == 0
+
+        await eventually(settled, within=60)
+    finally:
+        for w in workers:
+            w.stop(grace_seconds=5)
+        await asyncio.gather(*tasks)
+    final = {}
+    for user in users:
+        score = await app.runtime.db[USER_SCORES].find_one({"_id": user})
+        assert score is not None
+        final[user] = score["sourceVersion"]
+    assert final == published

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pymongo import monitoring
 from pymongo.asynchronous.client_session import AsyncClientSession
 
+from shared_contracts.messages import ScoreRefresh
 from shared_contracts.mongo import in_transaction, make_client
 from shared_contracts.queue.consumer import Consumer, Delivery, ack_all
 from shared_contracts.queue.documents import PARKED
@@ -189,3 +190,164 @@ async def test_batch_consumers_handle_each_message_once_in_key_order(
 
 async def _all_done(queue: Queue, count: int) -> bool:
     return await queue.collection.count_documents({"status": "done"}) == count
+
+
+def failing_batch_consumer(queue: Queue, handle: Any, *, batch_size: int = 4) -> Consumer:
+    async def handle_batch(deliveries: list[Delivery]) -> None:
+        raise RuntimeError("the batch fails; fall back to one at a time")
+
+    return Consumer(queue, handle, batch_handler=handle_batch, batch_size=batch_size)
+
+
+async def test_graceful_stop_during_fallback_releases_every_claim_of_the_batch(
+    jobs: Queue,
+) -> None:
+    """Found by attacking batches: stop() released only the message being handled in a
+    failed batch's one-at-a-time fallback; the rest stayed active until their lease ran out,
+    their attempt counted."""
+    await jobs.publish_many(Job(n=n) for n in range(4))
+    started = asyncio.Event()
+
+    async def never_finishes(delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    queue = Queue(jobs.collection, config=replace(FAST, lease_seconds=60), types=jobs.types)
+    consumer = failing_batch_consumer(queue, never_finishes)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.wait_for(started.wait(), 20)
+    consumer.stop(grace_seconds=0.2)
+    await asyncio.wait_for(task, 20)
+    states = sorted([(d["n"], d["status"], d["attempts"]) async for d in jobs.collection.find({})])
+    assert states == [(n, "pending", 0) for n in range(4)], states
+
+
+async def test_fallback_keeps_the_leases_of_the_messages_still_waiting(jobs: Queue) -> None:
+    """Found by attacking batches: while the fallback handled a failed batch one message at a
+    time, the messages waiting their turn were not renewed: they expired, were reaped and
+    handed out again while this worker still held them (handled twice)."""
+    await jobs.publish_many(Job(n=n) for n in range(4))
+    calls: collections.Counter[int] = collections.Counter()
+    queue = Queue(jobs.collection, config=replace(FAST, lease_seconds=1.0), types=jobs.types)
+
+    async def slow(delivery: Delivery) -> None:
+        assert isinstance(delivery.message, Job)
+        calls[delivery.message.n] += 1
+        await asyncio.sleep(0.7)  # well within its own lease (renewed every 0.25 s)
+
+        async def ack(session: AsyncClientSession) -> None:
+            await delivery.ack(session=session)
+
+        await in_transaction(queue.collection.database.client, ack)
+
+    consumer = failing_batch_consumer(queue, slow)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(lambda: _count(jobs, {"status": "done"}, 4), within=30)
+    finally:
+        consumer.stop(grace_seconds=5)
+        await task
+    assert calls == collections.Counter({n: 1 for n in range(4)}), calls
+
+
+async def test_drain_goes_on_past_a_batch_that_was_all_parked(jobs: Queue) -> None:
+    """drain() handles messages until none is available; a claim whose messages were all
+    parked behind another worker's is not 'none available'."""
+    await jobs.publish(Job(n=0, key="a"))
+    assert len(await jobs.claim_many(worker="other", limit=1)) == 1  # job 0 held
+    await jobs.publish_many([Job(n=1, key="a"), Job(n=2, key="a"), Job(n=3)])
+    seen: list[int] = []
+
+    async def handle(delivery: Delivery) -> None:
+        assert isinstance(delivery.message, Job)
+        seen.append(delivery.message.n)
+
+    async def handle_batch(deliveries: list[Delivery]) -> None:
+        async def ack(session: AsyncClientSession) -> None:
+            await ack_all(deliveries, session=session)
+
+        await in_transaction(jobs.collection.database.client, ack)
+        seen.extend(d.message.n for d in deliveries if isinstance(d.message, Job))
+
+    consumer = Consumer(jobs, handle, batch_handler=handle_batch, batch_size=2)
+    await consumer.drain()
+    assert seen == [3], (seen, await _states(jobs))
+
+
+async def test_a_malformed_document_does_not_strand_the_rest_of_a_batch(jobs: Queue) -> None:
+    """Found by attacking batches: a claim that fails on a malformed document sweeps it aside,
+    but the good messages the same update_many claimed before it failed stayed active under a
+    token nobody held (a lease lost, an attempt spent)."""
+    await jobs.publish_many(Job(n=n) for n in range(6))
+    await jobs.collection.update_one({"n": 4}, {"$set": {"attempts": "x"}})
+    queue = Queue(jobs.collection, config=replace(FAST, lease_seconds=60), types=jobs.types)
+    consumer = Consumer(queue, _noop, batch_handler=_noop_batch, batch_size=10)
+    assert await consumer._try_claim() == []  # the claim failed; malformed swept
+    states = await _states(jobs)
+    stranded = [n for n, status, _ in states if status == "active"]
+    assert stranded == [], states
+
+
+async def _noop(delivery: Delivery) -> None:
+    pass
+
+
+async def _noop_batch(deliveries: list[Delivery]) -> None:
+    pass
+
+
+async def _states(queue: Queue) -> list[tuple[Any, ...]]:
+    return sorted(
+        [(d["n"], d["status"], d.get("availableAt")) async for d in queue.collection.find({})]
+    )
+
+
+async def _count(queue: Queue, query: dict[str, Any], n: int) -> bool:
+    return await queue.collection.count_documents(query) == n
+
+
+async def test_two_parks_racing_keep_the_newest_refresh(events: Queue) -> None:
+    """Found by a helper attacking batches (the race is older than them): r2 and r3 of one
+    user are both claimed behind r1 and parked. r2 parked first; r3's park hit the unique
+    pending index and was finished as 'superseded', though the pending r2 was OLDER: the
+    user's score stayed at v2 until the user's next event (the stale-score defect). Now the
+    older payload gives way."""
+
+    def refresh(v: int) -> ScoreRefresh:
+        return ScoreRefresh(userId="u1", username=None, reason="ingest", projectionVersion=v,
+                            snapshot={"activeDays": v})  # fmt: skip
+
+    b = Queue(events.collection, config=events.config, types=events.types)
+    c = Queue(events.collection, config=events.config, types=events.types)
+    gates = {id(b): asyncio.Event(), id(c): asyncio.Event()}
+    parking = {id(b): asyncio.Event(), id(c): asyncio.Event()}
+    original = Queue._park
+
+    async def gated_park(self: Queue, claim: Any) -> None:
+        parking[id(self)].set()
+        await gates[id(self)].wait()
+        await original(self, claim)
+
+    b._park = gated_park.__get__(b)  # type: ignore[method-assign]
+    c._park = gated_park.__get__(c)  # type: ignore[method-assign]
+
+    await events.publish(refresh(1))
+    (r1,) = await events.claim_many(worker="a", limit=10)  # worker A handles v1
+    await events.publish(refresh(2))
+    b_claim = asyncio.create_task(b.claim_many(worker="b", limit=10))
+    await parking[id(b)].wait()  # r2 is active (claimed by B), about to be parked
+    await events.publish(refresh(3))  # no pending one to coalesce into: a new message
+    c_claim = asyncio.create_task(c.claim_many(worker="c", limit=10))
+    await parking[id(c)].wait()  # r3 is active (claimed by C), about to be parked
+    gates[id(b)].set()
+    assert await b_claim == []  # r2 parked
+    gates[id(c)].set()
+    assert await c_claim == []  # r3 "parked"... or superseded by r2
+    await events.ack(r1)  # A finishes v1; the next in line is promoted
+    waiting = await events.collection.find(
+        {"userId": "u1", "status": "pending"}, {"projectionVersion": 1, "supersededAt": 1}
+    ).to_list()
+    r3 = await events.collection.find_one({"projectionVersion": 3})
+    assert r3 is not None
+    assert [w["projectionVersion"] for w in waiting] == [3], (waiting, r3["status"],
+                                                              r3.get("supersededAt"))  # fmt: skip
