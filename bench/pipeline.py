@@ -44,6 +44,7 @@ from bench.common import (
     until,
 )
 from bench.traffic import Population, Request, send
+from shared_contracts.queue.documents import PARKED
 from swamp_app.collections import USER_SCORES
 from swamp_app.main import create_app as create_main_app
 from swamp_app.settings import AppSettings
@@ -148,6 +149,38 @@ async def settled(p: Pipeline) -> bool:
     return not await p.observer[p.app.bus_db][REFRESHES].count_documents(busy, limit=1)
 
 
+#: How long a run may take to settle before it fails.
+SETTLE_SECONDS = 600.0
+
+
+async def settle(p: Pipeline, *, interval: float = 0.05) -> None:
+    """Wait until ``settled``; a run that never settles fails saying what was left."""
+    try:
+        await until(lambda: settled(p), interval=interval, within=SETTLE_SECONDS)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; left: {await leftovers(p)}") from exc
+
+
+async def leftovers(p: Pipeline) -> str:
+    db = p.observer[p.telemetry.telemetry_db]
+    progress = await db[PROGRESS].find_one({"_id": MAIN_LINE}) or {}
+    counter = await db[COUNTERS].find_one({"_id": ARRIVAL_COUNTER}) or {}
+    unapplied = await db[EVENTS].count_documents(await unapplied_filter(db))
+    refreshes = p.observer[p.app.bus_db][REFRESHES]
+    states = [
+        f"{d['_id']}: {d['n']}"
+        async for d in refreshes.aggregate([
+            {"$group": {"_id": {"status": "$status", "parked": {"$eq": ["$availableAt", PARKED]}},
+                        "n": {"$sum": 1}}}
+        ])
+    ]  # fmt: skip
+    return (
+        f"mark {progress.get('through')} of {counter.get('value')} (owner {progress.get('owner')}, "
+        f"lease until {progress.get('leaseUntil')}), {unapplied} events unapplied; "
+        f"refreshes {', '.join(states)}"
+    )
+
+
 async def watcher_batches(p: Pipeline) -> int:
     """Batches the watcher's main line committed so far (its progress document counts them)."""
     progress = await p.observer[p.telemetry.telemetry_db][PROGRESS].find_one({"_id": MAIN_LINE})
@@ -179,7 +212,7 @@ async def traffic(
                     await register_users(p, users), devices_per_user, name[:4]
                 )
                 await send(lambda r: post(p, r), population.warm_up(), rate=None)
-                await until(lambda: settled(p))
+                await settle(p)
                 requests = population.requests(events)
                 measured = {e["insert_id"] for r in requests for e in r.events}
                 batches_before = await watcher_batches(p)
@@ -187,7 +220,7 @@ async def traffic(
                 cpu, profile = CpuShare(uri), ServerProfile(uri)
                 started = datetime.now(UTC)
                 ingest_seconds = await send(lambda r: post(p, r), requests, rate=rate)
-                await until(lambda: settled(p), interval=0.2)
+                await settle(p, interval=0.2)
                 cpu_shares, server_time = cpu.shares(), profile.shares()
                 work, get_more = counter.snapshot()
                 by_command = dict(counter.by_target.most_common())

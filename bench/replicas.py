@@ -16,11 +16,13 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -36,7 +38,7 @@ from bench.common import (
     storage_label,
     until,
 )
-from bench.pipeline import Pipeline, measure, register_users, settled
+from bench.pipeline import Pipeline, measure, register_users, settle
 from bench.traffic import Population, Request, send
 from swamp_app.settings import AppSettings
 from swamp_club.embedded_db import free_port
@@ -45,27 +47,49 @@ from telemetry_service.settings import TelemetrySettings
 EXECUTABLE = str(Path(sys.executable).with_name("swamp-club"))
 
 
+@dataclass
+class Started:
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    def died(self) -> str | None:
+        """The end of its log, if it exited."""
+        if self.process.poll() is None:
+            return None
+        self.log.seek(0)
+        tail = self.log.read()[-2000:].decode(errors="replace")
+        return f"{' '.join(map(str, self.process.args))} exited ({self.process.returncode}): {tail}"
+
+
 @contextlib.contextmanager
-def processes(commands: list[tuple[list[str], dict[str, str]]]) -> Iterator[list[int]]:
-    """Start them, yield their pids; stop them (SIGTERM, then SIGKILL) when the block ends."""
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    started = [subprocess.Popen(args, env={**os.environ, **env}, **quiet) for args, env in commands]
-    try:
-        yield [p.pid for p in started]
-    finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def processes(commands: list[tuple[list[str], dict[str, str]]]) -> Iterator[list[Started]]:
+    """Start them (each logging to a temporary file, read back if it dies), yield them; stop
+    them (SIGTERM, then SIGKILL) when the block ends."""
+    with contextlib.ExitStack() as files:
+        started = []
+        for args, env in commands:
+            log = files.enter_context(tempfile.TemporaryFile())
+            process = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=log)
+            started.append(Started(process, log))
+        try:
+            yield started
+        finally:
+            for each in started:
+                each.process.terminate()
+            for each in started:
+                try:
+                    each.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    each.process.kill()
 
 
-async def ready(urls: list[str]) -> None:
+async def ready(urls: list[str], started: list[Started]) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
 
         async def all_ready() -> bool:
+            for each in started:
+                if (died := each.died()) is not None:
+                    raise RuntimeError(died)
             for url in urls:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(f"{url}/readyz")).status_code == 200:
@@ -95,8 +119,9 @@ async def system(
     observer = observer_client(uri)
     try:
         async with scratch_databases(observer, telemetry.telemetry_db, app.app_db, app.bus_db):
-            with processes(commands) as pids:
-                await ready([f"http://127.0.0.1:{aport}", *urls])
+            with processes(commands) as started:
+                pids = [each.process.pid for each in started]
+                await ready([f"http://127.0.0.1:{aport}", *urls], started)
                 async with contextlib.AsyncExitStack() as stack:
                     clients = [
                         await stack.enter_async_context(httpx.AsyncClient(base_url=u, timeout=120))
@@ -124,14 +149,14 @@ async def one_count(
             assert response.status_code == 202, response.text
 
         await send(post, population.warm_up(), rate=None)
-        await until(lambda: settled(p))
+        await settle(p)
         requests = population.requests(events)
         measured = {e["insert_id"] for r in requests for e in r.events}
         cpu = CpuShare(uri, services=pids, label="replicas")
         profile = ServerProfile(uri)
         started = datetime.now(UTC)
         await send(post, requests, rate=None)
-        await until(lambda: settled(p), interval=0.2)
+        await settle(p, interval=0.2)
         cpu_shares, server_time = cpu.shares(), profile.shares()
         run = await measure(p, population, measured, started)
     return {
