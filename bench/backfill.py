@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from bench.common import (
     Results,
+    ServerProfile,
     Storage,
     counted_client,
     database_uri,
@@ -63,13 +65,18 @@ async def seed(db: Any, usernames: int) -> None:
         await db[USER_METRICS].insert_many(devices, ordered=False)
 
 
-async def backfill_once(
-    uri: str, usernames: int, batch: int, cap_seconds: float
-) -> tuple[int, float, int, bool]:
-    """Seed ``usernames`` users, run the backfill until done or ``cap_seconds``; returns the
-    usernames committed, the seconds to commit them, the work commands sent until then, and
-    whether the backfill finished. Progress is read from the marker (updated in each batch's
-    transaction) by an uncounted observer."""
+@dataclass
+class Once:
+    done: int  # usernames committed
+    seconds: float  # to commit them
+    work: int  # work commands sent until then
+    finished: bool
+    server_time: str  # the server's time by command while it ran
+
+
+async def backfill_once(uri: str, usernames: int, batch: int, cap_seconds: float) -> Once:
+    """Seed ``usernames`` users, run the backfill until done or ``cap_seconds``. Progress is
+    read from the marker (updated in each batch's transaction) by an uncounted observer."""
     client, counter = counted_client(uri)
     observer = observer_client(uri)
     settings = telemetry_settings(uri, BACKFILL_BATCH_SIZE=batch)
@@ -83,6 +90,7 @@ async def backfill_once(
             await job.reset()
             marker = observer[settings.telemetry_db][MIGRATIONS]
             counter.reset()
+            profile = ServerProfile(uri)
             started = time.monotonic()
             task = asyncio.create_task(job.run_if_needed())
             done, seconds, work = 0, 0.0, 0
@@ -99,10 +107,11 @@ async def backfill_once(
             else:
                 task.cancel()  # mid-batch: its transaction is aborted with its session
                 await asyncio.gather(task, return_exceptions=True)
+            server_time = profile.shares()
     finally:
         await client.close()
         await observer.close()
-    return done, seconds, work, finished
+    return Once(done, seconds, work, finished, server_time)
 
 
 async def run(
@@ -115,12 +124,19 @@ async def run(
     with database_uri(storage) as uri:
         for batch in batch_sizes:
             for size in sizes:
-                done, seconds, work, finished = await backfill_once(uri, size, batch, cap_seconds)
+                once = await backfill_once(uri, size, batch, cap_seconds)
                 label = f"{size:,} users, batch {batch}"
-                scope = "all" if finished else f"first {done:,} in {seconds:.0f} s (capped)"
+                scope = (
+                    "all"
+                    if once.finished
+                    else f"first {once.done:,} in {once.seconds:.0f} s (capped)"
+                )
                 results.add(f"{label}: usernames done", scope)
-                results.add(f"{label}: rate", done / seconds if seconds else 0, "usernames/s")
-                results.add(f"{label}: work commands per username", work / max(done, 1))
+                rate = once.done / once.seconds if once.seconds else 0
+                results.add(f"{label}: rate", rate, "usernames/s")
+                results.add(f"{label}: work commands per username", once.work / max(once.done, 1))
+                results.add(f"{label}: database server's time by command (sampled)",
+                            once.server_time)  # fmt: skip
     return results
 
 

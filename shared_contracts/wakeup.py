@@ -8,7 +8,9 @@ The stream is read only while a worker waits. A busy worker looks for more work 
 getMore per change would be spent on news it does not need; on the embedded server each getMore
 reads the oplog, which is what a busy pipeline's streams cost it. The changes made meanwhile stay
 in the stream, behind its resume point: the first read of the next wait returns them at once (one
-look that may find nothing), so a change made after the worker last looked is never missed.
+look that may find nothing), so a change made after the worker last looked is never missed. (On
+mongod a stream left unread for longer than the oplog's window cannot resume: it fails, the
+worker polls once, and a new stream opens, as after any stream error.)
 """
 
 from __future__ import annotations
