@@ -18,11 +18,40 @@ from typing import Any
 import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from pymongo import monitoring
 
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
 from telemetry_service.collections import UNCLAIMED
 from telemetry_service.processing.progress import unapplied_filter
+
+
+class SeenCommands(monitoring.CommandListener):
+    """The commands a client sent, in order: (name, the collection addressed or None). The
+    client closing (endSessions) is not work and is left out."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name == "endSessions":
+            return
+        target = event.command.get("collection" if name == "getMore" else name)
+        self.seen.append((name, target if isinstance(target, str) else None))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def names(self, collection: str | None = None) -> list[str]:
+        """Command names, all of them or those addressing ``collection``."""
+        return [n for n, target in self.seen if collection is None or target == collection]
+
+    def count(self, name: str, collection: str | None = None) -> int:
+        return self.names(collection).count(name)
 
 
 class LoggedProcess(subprocess.Popen[str]):

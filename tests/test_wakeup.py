@@ -9,30 +9,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from shared_contracts.mongo import make_client
 from shared_contracts.wakeup import Wakeup
-from tests.support import DbNames, eventually
-
-
-class GetMores(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.count = 0
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.count += event.command_name == "getMore"
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+from tests.support import DbNames, SeenCommands, eventually
 
 
 @contextlib.asynccontextmanager
-async def watching(mongo_uri: str, db_names: DbNames) -> AsyncIterator[tuple[Wakeup, GetMores]]:
-    get_mores = GetMores()
+async def watching(mongo_uri: str, db_names: DbNames) -> AsyncIterator[tuple[Wakeup, SeenCommands]]:
+    get_mores = SeenCommands()
     client: AsyncMongoClient[dict[str, Any]] = make_client(
         mongo_uri, app_name="wakeup-test", event_listeners=[get_mores]
     )
@@ -64,10 +50,10 @@ async def test_a_busy_worker_reads_no_change_and_its_next_wait_wakes_at_once(
         for n in range(20):  # the worker is busy: nobody waits
             await things.insert_one({"n": n})
         await asyncio.sleep(0.5)
-        assert get_mores.count == 0
+        assert get_mores.count("getMore") == 0
         # Those changes were made after the worker last looked: its wait ends at once.
         assert await asyncio.wait_for(wakeup.wait(), timeout=20)
-        assert get_mores.count >= 1
+        assert get_mores.count("getMore") >= 1
 
 
 async def test_a_change_while_waiting_wakes_the_worker(
@@ -93,4 +79,4 @@ async def test_a_wait_without_the_stream_reads_nothing_and_ends_by_set_or_time(
         if woken:
             wakeup.set()  # stop() and the like still end it
         assert await asyncio.wait_for(waiting, timeout=20) is woken
-        assert get_mores.count == 0
+        assert get_mores.count("getMore") == 0

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pymongo import monitoring
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ScoreRefresh
@@ -23,7 +22,7 @@ from swamp_app.scores.repository import apply_refresh, apply_refreshes
 from swamp_app.scores.scoring import activity_score, canonical_score, score_sources
 from swamp_app.settings import AppSettings
 from tests.app.conftest import App
-from tests.support import eventually
+from tests.support import SeenCommands, eventually
 
 
 def snapshot(days: int, successes: int, commands: dict[str, int] | None = None) -> dict[str, Any]:
@@ -79,7 +78,7 @@ async def test_a_refresh_says_what_it_did_and_a_newer_one_costs_one_command(
     app: App, app_settings: AppSettings
 ) -> None:
     user = await app.register("fred")
-    commands = ScoreCommands()
+    commands = SeenCommands()
     client = make_client(app_settings.mongodb_uri, app_name="scores", event_listeners=[commands])
     db = client[app.runtime.db.name]
 
@@ -95,7 +94,7 @@ async def test_a_refresh_says_what_it_did_and_a_newer_one_costs_one_command(
 
     try:
         assert await outcome(user["id"], 2) == "applied"
-        assert commands.names == ["update"]
+        assert commands.names(USER_SCORES) == ["update"]
         assert await outcome(user["id"], 2) == "stale"
         assert await outcome(user["id"], 1) == "stale"
         assert await outcome("nobody", 3) == "unknown_user"
@@ -114,7 +113,7 @@ async def test_refreshes_waiting_together_are_applied_in_one_transaction_of_few_
         await app.runtime.refreshes.publish(made_refresh(user["id"], 1, snapshot(n + 1, 1)))
     # and one for a user the app does not know
     await app.runtime.refreshes.publish(made_refresh("nobody", 1, snapshot(1, 1)))
-    commands = ScoreCommands(every=True)
+    commands = SeenCommands()
     client = make_client(app_settings.mongodb_uri, app_name="scores", event_listeners=[commands])
     settings_ = app.runtime.settings.model_copy(update={"score_refresh_batch_size": 100})
     try:
@@ -123,7 +122,7 @@ async def test_refreshes_waiting_together_are_applied_in_one_transaction_of_few_
         await client.close()
     # claim (find, update, find), ordering keys (find), versions (find), bulk write (update),
     # ack (update), commit, parked check (find); then the empty claim (find)
-    assert len(commands.names) <= 10, commands.names
+    assert len(commands.seen) <= 10, commands.seen
     for n in range(30):
         score = await app.score(f"batch{n}")
         expected = canonical_score(score_sources(snapshot(n + 1, 1)))
@@ -193,24 +192,6 @@ async def applied_together(app: App, refreshes: list[ScoreRefresh]) -> list[str]
 
     await in_transaction(app.runtime.client, apply)
     return outcomes
-
-
-class ScoreCommands(monitoring.CommandListener):
-    def __init__(self, *, every: bool = False) -> None:
-        self.names: list[str] = []
-        self.every = every
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "endSessions":  # the client closing, not work
-            return
-        if self.every or event.command.get(event.command_name) == USER_SCORES:
-            self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 async def test_the_leaderboard_is_sorted_by_canonical_score(app: App) -> None:

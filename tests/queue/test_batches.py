@@ -13,7 +13,6 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pymongo import monitoring
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts.messages import ScoreRefresh
@@ -22,34 +21,20 @@ from shared_contracts.queue.consumer import Consumer, Delivery, ack_all
 from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost, Queue
 from tests.queue.conftest import FAST, Job
-from tests.support import eventually
-
-
-class Commands(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+from tests.support import SeenCommands, eventually
 
 
 async def test_a_batch_is_claimed_in_three_commands_in_arrival_order(
     jobs: Queue, mongo_uri: str
 ) -> None:
     await jobs.publish_many(Job(n=n) for n in range(30))
-    commands = Commands()
+    commands = SeenCommands()
     client: Any = make_client(mongo_uri, app_name="batches", event_listeners=[commands])
     try:
         queue = Queue(client[jobs.collection.database.name][jobs.name], config=FAST,
                       types=jobs.types)  # fmt: skip
         claims = await queue.claim_many(worker="w", limit=20)
-        assert commands.names == ["find", "update", "find"]
+        assert commands.names() == ["find", "update", "find"]
         assert [c.document["n"] for c in claims] == list(range(20))
         assert len({c.token for c in claims}) == 1
         rest = await queue.claim_many(worker="w", limit=20)

@@ -28,7 +28,13 @@ from telemetry_service.processing import progress as main_line
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import applied_events, eventually, expire_watcher_leases, unapplied_events
+from tests.support import (
+    SeenCommands,
+    applied_events,
+    eventually,
+    expire_watcher_leases,
+    unapplied_events,
+)
 from tests.telemetry.conftest import Telemetry, cli_event
 
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
@@ -243,26 +249,9 @@ async def test_an_idle_worker_does_not_keep_the_main_line(telemetry: Telemetry) 
     assert await anonymous(telemetry, "idle-dev") == 2
 
 
-class LeaseAttempts(monitoring.CommandListener):
-    """Tries at the main line's lease: findAndModify on the progress document."""
-
-    def __init__(self) -> None:
-        self.leases = 0
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        name, target = event.command_name, event.command.get(event.command_name)
-        self.leases += name == "findAndModify" and target == PROGRESS
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 @contextlib.asynccontextmanager
 async def other_replica(
-    telemetry: Telemetry, mongo_uri: str, seen: LeaseAttempts
+    telemetry: Telemetry, mongo_uri: str, seen: SeenCommands
 ) -> AsyncIterator[IngestWatcher]:
     """A second replica's watcher running beside the test, its lease tries counted; it polls
     once a second."""
@@ -274,7 +263,7 @@ async def other_replica(
     )  # fmt: skip
     running = asyncio.create_task(other.run())
     try:
-        await eventually(lambda: _at_least(seen.leases, 1))
+        await eventually(lambda: _at_least(seen.count("findAndModify", PROGRESS), 1))
         yield other
     finally:
         other.stop()
@@ -292,14 +281,16 @@ async def test_a_replica_without_the_main_line_is_not_woken_by_each_insert(
     db = telemetry.runtime.db
     await telemetry.post(cli_event("held-dev"))
     assert await main_line.lease(db, owner="gone-holder", seconds=3) is not None
-    seen = LeaseAttempts()
+    seen = SeenCommands()
     started = time.monotonic()
     async with other_replica(telemetry, mongo_uri, seen):
         for _ in range(10):
             assert (await telemetry.post(cli_event("held-dev"))).status_code == 202
         await asyncio.sleep(0.5)
         polls = (time.monotonic() - started) // 1.0
-        assert seen.leases <= 2 + polls, "woken by inserts to fail to take the lease"
+        assert seen.count("findAndModify", PROGRESS) <= 2 + polls, (
+            "woken by inserts to fail to take the lease"
+        )
         # The holder never renews: once its lease ran out, the other replica applies it all.
         await eventually(lambda: _none_unapplied(telemetry), within=30)
     assert await anonymous(telemetry, "held-dev") == 11
@@ -313,7 +304,7 @@ async def test_a_holder_that_let_go_when_idle_and_went_away_is_replaced_within_a
     idle, and then gone away."""
     db = telemetry.runtime.db
     assert await main_line.lease(db, owner="holder", seconds=30) is not None
-    seen = LeaseAttempts()
+    seen = SeenCommands()
     async with other_replica(telemetry, mongo_uri, seen):
         await main_line.release(db, owner="holder")  # idle, then gone
         assert (await telemetry.post(cli_event("late-dev"))).status_code == 202
