@@ -302,3 +302,51 @@ async def test_concurrent_batch_consumers_end_each_user_at_the_newest_published_
         assert score is not None
         final[user] = score["sourceVersion"]
     assert final == published
+
+
+async def test_a_batch_whose_worker_died_mid_transaction_is_applied_once_by_another(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the batch's scores were written, before its commit: nothing of it counts;
+    the leases run out, the reaper hands the refreshes back, another worker applies each once
+    (one history entry per user, at the published version)."""
+    users = [(await app.register(f"killed{n}"))["id"] for n in range(5)]
+    for n, user in enumerate(users):
+        await app.runtime.refreshes.publish(made_refresh(user, 3, snapshot(n + 1, 1)))
+    short = app.runtime.settings.model_copy(update={"queue_lease_seconds": 1})  # reaped every 0.5 s
+    runtime = AppRuntime(short, app.runtime.client)
+    killed = asyncio.Event()
+    real_ack_many = Queue.ack_many
+
+    async def die_before_commit(self: Queue, claims: list[Any], *, session: Any) -> None:
+        killed.set()
+        await asyncio.Event().wait()  # the worker hangs here, then is cancelled: no commit
+
+    monkeypatch.setattr(Queue, "ack_many", die_before_commit)
+    doomed = score_refresh_consumer(runtime, worker="doomed")
+    task = asyncio.create_task(doomed.run())
+    await asyncio.wait_for(killed.wait(), 20)
+    task.cancel()  # killed: no release, no renewal
+    await asyncio.gather(task, return_exceptions=True)
+    monkeypatch.setattr(Queue, "ack_many", real_ack_many)
+    for user in users:  # the uncommitted writes are gone
+        score = await app.runtime.db[USER_SCORES].find_one({"_id": user})
+        assert score is not None
+        assert score["sourceVersion"] == 0
+
+    survivor = score_refresh_consumer(runtime, worker="survivor")
+    running = asyncio.create_task(survivor.run())
+    try:
+        await eventually(lambda: _none_unfinished(app), within=30)
+    finally:
+        survivor.stop(grace_seconds=5)
+        await running
+    for user in users:
+        score = await app.runtime.db[USER_SCORES].find_one({"_id": user})
+        assert score is not None
+        assert [h["projectionVersion"] for h in score["scoreHistory"]] == [3]
+
+
+async def _none_unfinished(app: App) -> bool:
+    busy = {"status": {"$in": ["pending", "active"]}}
+    return await app.runtime.refreshes.collection.count_documents(busy) == 0
