@@ -65,9 +65,10 @@ async def update_by_ids(
     update: dict[str, Any],
     *,
     only: dict[str, Any] | None = None,
-    session: AsyncClientSession | None = None,
+    session: AsyncClientSession,
 ) -> None:
-    """One update_many per bounded $in chunk of ids (see MAX_IN_IDS); ``only``: extra filter."""
+    """One update_many per bounded $in chunk of ids (see MAX_IN_IDS), in the caller's
+    transaction; ``only``: extra filter."""
     for start in range(0, len(ids), MAX_IN_IDS):
         chunk = {"_id": {"$in": ids[start : start + MAX_IN_IDS]}, **(only or {})}
         await collection.update_many(chunk, update, session=session)

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from shared_contracts import mongo
 from shared_contracts.queue.admin import retry_dead
 from swamp_app.main import create_app as create_main_app
 from swamp_app.runtime import AppRuntime
@@ -115,13 +116,16 @@ class Pipeline:
 
     async def hold_commands(self, **match: Any) -> int:
         """Park pending commands matching ``match`` (e.g. type, userId) until released."""
-        result = await self.commands.update_many(
-            {"status": "pending", **match}, {"$set": {"availableAt": HELD, "held": True}}
+        result = await mongo.update_many(
+            self.commands,
+            {"status": "pending", **match},
+            {"$set": {"availableAt": HELD, "held": True}},
         )
         return result.modified_count
 
     async def release_commands(self) -> None:
-        await self.commands.update_many(
+        await mongo.update_many(
+            self.commands,
             {"held": True},
             {
                 "$set": {"availableAt": datetime.now(UTC) - timedelta(seconds=1)},
@@ -133,7 +137,8 @@ class Pipeline:
         """As if these pending commands had failed every attempt."""
         query = {"status": "pending", **match}
         doomed = await self.commands.find(query, {"orderingKey": 1}).to_list()
-        await self.commands.update_many(
+        await mongo.update_many(
+            self.commands,
             {"_id": {"$in": [d["_id"] for d in doomed]}},
             {"$set": {"status": "dead", "lastError": {"type": "Test", "message": "killed"}}},
         )

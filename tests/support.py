@@ -20,6 +20,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from pymongo import monitoring
 
+from shared_contracts import mongo
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
 from telemetry_service.collections import UNCLAIMED
@@ -192,7 +193,9 @@ async def stuck_events(db: Any) -> list[dict[str, Any]]:
 async def expire_watcher_leases(db: Any) -> None:
     """As if every watcher's lease ran out: the main line's and those of events aside (not the
     backoff of events set aside as dead)."""
-    await db["events"].update_many(
-        {"processed": False, "dead": {"$ne": True}}, {"$set": {"leaseUntil": UNCLAIMED}}
+    await mongo.update_many(
+        db["events"],
+        {"processed": False, "dead": {"$ne": True}},
+        {"$set": {"leaseUntil": UNCLAIMED}},
     )
-    await db["ingest_progress"].update_many({}, {"$set": {"leaseUntil": UNCLAIMED}})
+    await mongo.update_many(db["ingest_progress"], {}, {"$set": {"leaseUntil": UNCLAIMED}})

@@ -3,6 +3,7 @@ on it with the reason, run on a real MongoDB (MONGODB_URI). Our code stays corre
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -115,3 +116,31 @@ async def test_an_upserting_find_one_and_update_always_returns_the_document(
     stop.set()
     await asyncio.gather(*busy)
     assert all(result is not None for result in results)
+
+
+@pytest.mark.skipif(
+    EMBEDDED,
+    reason="SecantusDB runs a plain update_many (and delete_many) in chunks and retries a chunk's "
+    "write conflict while it holds the collection's lock: a transaction that wrote one of its "
+    "documents can then run no further statement on that collection, and the server is "
+    "deadlocked for good (reduced from a hang of make test; py-spy of the server). mongod's plain "
+    "write waits for the transaction with its locks yielded. Our code never sends a "
+    "multi-document write outside a transaction: shared_contracts/mongo.py's update_many and "
+    "delete_many run one in a transaction of its own, where a conflict aborts and is retried.",
+)
+async def test_a_plain_update_many_waits_for_a_transaction_without_blocking_it(
+    mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames
+) -> None:
+    collection = mongo_client[db_names.telemetry]["plain_versus_transaction"]
+    await collection.insert_many([{"_id": 0, "n": 0}, {"_id": 1, "n": 0}])
+    async with mongo_client.start_session() as session:
+        await session.start_transaction()
+        await collection.update_one({"_id": 0}, {"$inc": {"n": 1}}, session=session)
+        plain = asyncio.create_task(collection.update_many({}, {"$inc": {"n": 10}}))
+        await asyncio.sleep(0.5)  # the plain write now meets the transaction's write
+        await asyncio.wait_for(
+            collection.update_one({"_id": 1}, {"$inc": {"n": 1}}, session=session), 30
+        )
+        await session.commit_transaction()
+    await asyncio.wait_for(plain, 30)
+    assert [d["n"] async for d in collection.find(sort=[("_id", 1)])] == [11, 11]

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared_contracts import mongo
 from swamp_app.settings import AppSettings
 from telemetry_service.backfill import Backfill
 from telemetry_service.collections import EVENTS, IDENTITY_MAP, USERNAME_METRICS
@@ -71,8 +72,10 @@ async def quiesce(p: Pipeline) -> None:
     for key in await p.commands.distinct("orderingKey", {"status": "pending"}):
         await p.telemetry_runtime.commands.promote(key)
     await p.drain()
-    await p.telemetry_runtime.db[EVENTS].update_many(
-        {"processed": False, "dead": {"$ne": True}}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+    await mongo.update_many(
+        p.telemetry_runtime.db[EVENTS],
+        {"processed": False, "dead": {"$ne": True}},
+        {"$set": {"leaseUntil": datetime.now(UTC)}},
     )
     await p.drain()
 
@@ -110,8 +113,10 @@ async def test_a_waiting_key_that_arrived_first_still_owns_the_shared_device(
     assert "ownerUserId" not in (device or {}), "ben's event did not wait behind ana's"
     await p.release_commands()
     await p.drain()
-    await p.telemetry_runtime.db[EVENTS].update_many(  # the retry interval passes
-        {"processed": False}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+    await mongo.update_many(
+        p.telemetry_runtime.db[EVENTS],  # the retry interval passes
+        {"processed": False},
+        {"$set": {"leaseUntil": datetime.now(UTC)}},
     )
     await p.drain()
     await p.send("ci-box")  # anonymous, after
@@ -154,7 +159,7 @@ async def test_a_rename_chain_with_a_racing_registration_in_any_order(
     assert len(held) == 5
     # Free the held commands from their per-user order: any order can reach the consumer
     # (dead letters retried late, redelivery after a lost lease).
-    await p.commands.update_many(ours, {"$unset": {"orderingKey": ""}})
+    await mongo.update_many(p.commands, ours, {"$unset": {"orderingKey": ""}})
     order = data.draw(st.permutations(range(5)), label="order")
     dead = {held[i]["_id"] for i in data.draw(st.sets(st.integers(0, 4), max_size=2), "dead")}
     twice = {held[i]["_id"] for i in data.draw(st.sets(st.integers(0, 4), max_size=2), "twice")}
@@ -272,7 +277,7 @@ async def test_a_key_unknown_past_the_grace_period_and_issued_later(pipeline: Pi
     old = datetime.now(UTC) - timedelta(
         seconds=p.telemetry_runtime.settings.key_resolve_grace_seconds + 5
     )
-    await events.update_many({}, {"$set": {"receivedAt": old, "leaseUntil": old}})
+    await mongo.update_many(events, {}, {"$set": {"receivedAt": old, "leaseUntil": old}})
     await p.drain()  # past the grace period: anonymous
     assert await unapplied_events(events.database) == 0
     assert await events.count_documents({"unattributed": "unknown"}) == 2

@@ -9,6 +9,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo.asynchronous.collection import AsyncCollection
 
+from shared_contracts import mongo
 from shared_contracts.queue.documents import DEAD, DONE, PARKED, PENDING, STATUSES
 from shared_contracts.queue.engine import to_pending
 
@@ -65,8 +66,10 @@ async def retry_dead(collection: Collection, *, ids: list[str] | None, now: date
     if ids is not None:
         query["_id"] = {"$in": [parse_id(i) for i in ids]}
     fields = {"attempts": 0, "availableAt": now, "updatedAt": now}
-    result = await collection.update_many(
-        {**query, "dedupeKey": {"$exists": False}}, {"$set": {**fields, "status": PENDING}}
+    result = await mongo.update_many(
+        collection,
+        {**query, "dedupeKey": {"$exists": False}},
+        {"$set": {**fields, "status": PENDING}},
     )
     retried = result.modified_count
     # A coalesced message may meet a newer pending one of its key: then it is superseded.
@@ -77,5 +80,5 @@ async def retry_dead(collection: Collection, *, ids: list[str] | None, now: date
 
 
 async def purge_done(collection: Collection) -> int:
-    result = await collection.delete_many({"status": DONE})
+    result = await mongo.delete_many(collection, {"status": DONE})
     return result.deleted_count

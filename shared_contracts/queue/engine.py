@@ -19,8 +19,9 @@ from typing import Any, Literal
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from shared_contracts import mongo
 from shared_contracts.messages import Message, types_for_queue
 from shared_contracts.queue import metrics
 from shared_contracts.queue.config import QueueConfig
@@ -310,8 +311,9 @@ class Queue:
         return None
 
     async def claim_many(self, *, worker: str, limit: int) -> list[Claim]:
-        """Lease up to ``limit`` available messages under one token: three commands however
-        many (their ids, one update_many, the claimed documents read back), where ``claim``
+        """Lease up to ``limit`` available messages under one token: four commands however
+        many (their ids, one update_many in a transaction of its own, the claimed documents
+        read back), where ``claim``
         costs one per message. Messages whose claim was lost to a concurrent worker between
         the first two are simply not in the answer. Ordering keys hold as in ``claim``, with
         one read for the whole batch."""
@@ -335,16 +337,13 @@ class Queue:
         if not ids:
             return False, []
         token = uuid.uuid4().hex
-        try:
-            await self.collection.update_many(
-                {**available, "_id": {"$in": ids}},
-                self._claiming(worker=worker, token=token, now=now),
-            )
-        except PyMongoError:
-            # A malformed document stops the update part-way (no rollback): what it claimed
-            # goes back untouched, and the caller sweeps the malformed one aside.
-            await self._release_token(ids, token)
-            raise
+        # In a transaction: a malformed document fails the claim as a whole (nothing claimed),
+        # and the caller sweeps it aside.
+        await mongo.update_many(
+            self.collection,
+            {**available, "_id": {"$in": ids}},
+            self._claiming(worker=worker, token=token, now=now),
+        )
         claimed = self.collection.find(
             {"_id": {"$in": ids}, "claimToken": token, "status": ACTIVE},
             sort=[("availableAt", 1)],
@@ -356,11 +355,6 @@ class Queue:
             await self._park(claim)
         parked = {claim.id for claim in blocked}
         return True, [claim for claim in claims if claim.id not in parked]
-
-    async def _release_token(self, ids: list[Any], token: str) -> None:
-        stranded = self.collection.find({"_id": {"$in": ids}, "claimToken": token})
-        async for document in stranded:
-            await self.release(Claim(id=document["_id"], token=token, document=document))
 
     async def _behind_earlier_many(self, claims: list[Claim]) -> list[Claim]:
         """The claims behind an unfinished message of their key with a lower orderSeq (another
@@ -558,7 +552,8 @@ class Queue:
         if not claims:
             return 0
         lease_until = self.clock() + timedelta(seconds=self.config.lease_seconds)
-        result = await self.collection.update_many(
+        result = await mongo.update_many(
+            self.collection,
             {"_id": {"$in": [c.id for c in claims]}, "claimToken": claims[0].token,
              "status": ACTIVE},
             {"$set": {"leaseUntil": lease_until}},
@@ -597,7 +592,8 @@ class Queue:
         expired = {"status": ACTIVE, "leaseUntil": {"$lt": now}}
         fields = {"availableAt": now, "updatedAt": now}
         # Messages without a dedupeKey cannot collide on the way back: one update for all.
-        result = await self.collection.update_many(
+        result = await mongo.update_many(
+            self.collection,
             {**expired, "dedupeKey": {"$exists": False}},
             {"$set": {**_CLAIM_RELEASED["$set"], **fields, "status": PENDING}},
         )
@@ -630,8 +626,10 @@ class Queue:
                 "at": now,
                 "attempt": None,
             }
-            result = await self.collection.update_many(
-                query, {"$set": {"status": DEAD, "updatedAt": now, "lastError": record}}
+            result = await mongo.update_many(
+                self.collection,
+                query,
+                {"$set": {"status": DEAD, "updatedAt": now, "lastError": record}},
             )
             swept += result.modified_count
         if swept:

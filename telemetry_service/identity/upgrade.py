@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
+from shared_contracts import mongo
 from shared_contracts.mongo import in_transaction
 from telemetry_service.collections import (
     IDENTITY_MAP,
@@ -57,8 +58,10 @@ class IdentityUpgrade:
         """Convert everything old; returns the number of users converted (0 if none)."""
         if await self.db[MIGRATIONS].find_one({"_id": MARKER, "status": "done"}):
             return 0
-        await self.db[KNOWN_USERS].update_many(
-            {"renameSeq": {"$exists": True}}, {"$rename": {"renameSeq": "nameSeq"}}
+        await mongo.update_many(
+            self.db[KNOWN_USERS],
+            {"renameSeq": {"$exists": True}},
+            {"$rename": {"renameSeq": "nameSeq"}},
         )
         await self._retire_refreshes_by_username()
         converted = 0
@@ -89,7 +92,8 @@ class IdentityUpgrade:
         app reads v2 only. Every user they could concern is re-projected below (publishing a
         v2 refresh), so they are finished as superseded instead of dying in the app."""
         now = datetime.now(UTC)
-        retired = await self.runtime.refreshes.collection.update_many(
+        retired = await mongo.update_many(
+            self.runtime.refreshes.collection,
             {"type": "score_refresh", "schemaVersion": 1, "status": {"$in": ["pending", "dead"]}},
             {"$set": {"status": "done", "doneAt": now, "supersededAt": now, "updatedAt": now}},
         )

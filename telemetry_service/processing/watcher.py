@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, PyMongoError, WTimeoutError
 
-from shared_contracts import failpoints
+from shared_contracts import failpoints, mongo
 from shared_contracts.messages import RefreshReason
 from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.documents import PARKED
@@ -382,7 +382,7 @@ class IngestWatcher:
     # --- events aside: claimed one batch at a time ---------------------------------------
 
     async def claim_batch(self) -> tuple[str, list[dict[str, Any]]]:
-        """Lease up to a batch of events aside in arrival order: three commands, whatever
+        """Lease up to a batch of events aside in arrival order: four commands, whatever
         the batch size. When the first one's claims already died twice without applying it (a
         worker killed while applying it, again and again), it is claimed alone: a crash loop
         then costs attempts to that event only, never to the events claimed with it."""
@@ -403,7 +403,8 @@ class IngestWatcher:
             return "", []
         token = uuid.uuid4().hex
         lease_until = now + timedelta(seconds=self.settings.ingest_lease_seconds)
-        await self.events.update_many(
+        await mongo.update_many(
+            self.events,
             {**free, "seq": {"$lte": arrivals[-1]}},
             {"$set": {"leaseUntil": lease_until, "claimToken": token}, "$inc": {"attempts": 1}},
         )
@@ -572,9 +573,10 @@ class IngestWatcher:
         over by another replica. Never while a transaction runs: the renewal writes the very
         documents the transaction marks, and would make it conflict again on every retry. One
         attempt is bounded by the server's transaction lifetime, as long as the default lease.
-        Not part of the transaction: it must hold even if the transaction aborts."""
+        Not part of the batch's transaction: it must hold even if that one aborts."""
         lease = timedelta(seconds=self.settings.ingest_lease_seconds)
-        await self.events.update_many(
+        await mongo.update_many(
+            self.events,
             {"claimToken": token, "processed": False},
             {"$set": {"leaseUntil": datetime.now(UTC) + lease}},
         )
@@ -589,7 +591,8 @@ class IngestWatcher:
 
     async def _record_error(self, token: str, exc: BaseException) -> None:
         try:
-            await self.events.update_many(
+            await mongo.update_many(
+                self.events,
                 {"claimToken": token, "processed": False},
                 {"$set": {"lastError": describe(exc)}},
             )

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared_contracts import failpoints
+from shared_contracts import failpoints, mongo
 from shared_contracts.keys import api_key_hash
 from swamp_app.collections import API_KEYS, USER_SCORES, USERS
 from swamp_app.users.service import AFTER_USER_UPDATE, rename_user
@@ -212,7 +212,7 @@ async def test_the_clock_starts_above_old_counters_and_re_asserts_every_name_onc
     from swamp_app.users.name_clock import NAME_CLOCK, ensure_name_clock
 
     db = app.runtime.db
-    await db[COUNTERS].delete_many({})  # as before the clock existed
+    await mongo.delete_many(db[COUNTERS], {})  # as before the clock existed
     await db[USERS].insert_many(
         [
             {"_id": "old-1", "username": "kay", "renameSeq": 4},

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from shared_contracts import mongo
 from shared_contracts.keys import api_key_hash
 from shared_contracts.messages import ApiKeyIssued, UsernameChanged, UserRegistered
 from telemetry_service.collections import (
@@ -90,15 +91,18 @@ async def stats_or_none(t: Telemetry, username: str) -> dict[str, Any] | None:
 
 
 async def hold(t: Telemetry, **match: Any) -> None:
-    await t.runtime.commands.collection.update_many(
+    await mongo.update_many(
+        t.runtime.commands.collection,
         {"status": "pending", **match},
         {"$set": {"availableAt": datetime(9000, 1, 1, tzinfo=UTC), "held": True}},
     )
 
 
 async def release(t: Telemetry) -> None:
-    await t.runtime.commands.collection.update_many(
-        {"held": True}, {"$set": {"availableAt": datetime.now(UTC)}, "$unset": {"held": ""}}
+    await mongo.update_many(
+        t.runtime.commands.collection,
+        {"held": True},
+        {"$set": {"availableAt": datetime.now(UTC)}, "$unset": {"held": ""}},
     )
 
 

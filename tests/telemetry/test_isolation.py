@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from pymongo.errors import OperationFailure
 
+from shared_contracts import mongo
 from telemetry_service.collections import EVENTS, USER_METRICS
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.set_aside import (
@@ -95,8 +96,10 @@ async def test_events_that_fail_inside_the_transaction_are_isolated_by_splitting
 
     limit = telemetry.runtime.settings.queue_max_attempts
     for _ in range(limit):  # let the backoffs pass, attempt after attempt
-        await events.update_many(
-            {"processed": False, "dead": {"$ne": True}}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+        await mongo.update_many(
+            events,
+            {"processed": False, "dead": {"$ne": True}},
+            {"$set": {"leaseUntil": datetime.now(UTC)}},
         )
         await telemetry.watcher.drain()
     assert await count_set_aside(telemetry.runtime.db) == 2
@@ -158,7 +161,7 @@ async def test_random_extremes_mixed_with_valid_events_are_all_counted_or_set_as
     telemetry: Telemetry, changes: list[dict[str, Any]], valid: int
 ) -> None:
     db = telemetry.runtime.db
-    await db[EVENTS].delete_many({})  # hypothesis reuses the fixture across examples
+    await mongo.delete_many(db[EVENTS], {})  # hypothesis reuses the fixture across examples
     user_id, key = await telemetry.register(f"mixer-{await db[EVENTS].estimated_document_count()}")
     hostile = [hostile_event(c) for c in changes]
     for event in hostile:

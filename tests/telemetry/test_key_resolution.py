@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import REGISTRY
 
+from shared_contracts import mongo
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, UserRegistered
 from telemetry_service.collections import EVENTS
@@ -48,7 +49,9 @@ async def test_a_key_the_app_just_returned_is_accepted_and_waits_for_its_user(
     assert all(e["attempts"] == 0 for e in waiting)  # waiting is not failing
 
     await command_consumer(telemetry.runtime).drain()
-    await telemetry.runtime.db[EVENTS].update_many({}, {"$set": {"leaseUntil": datetime.now(UTC)}})
+    await mongo.update_many(
+        telemetry.runtime.db[EVENTS], {}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+    )
     await telemetry.watcher.drain()
     stats = await telemetry.stats("fresh")
     assert (stats["userId"], stats["totalInvocations"]) == (user_id, 2)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared_contracts import failpoints
+from shared_contracts import failpoints, mongo
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked
 from telemetry_service.collections import (
     EVENTS,
@@ -90,7 +90,7 @@ async def test_a_worker_that_lost_its_claim_on_events_aside_cannot_commit(
     _, key = await telemetry.register("lily")
     await telemetry.post({"events": [cli_event("l2") for _ in range(4)]}, key)
     db = telemetry.runtime.db
-    await db[EVENTS].update_many({}, {"$set": {"processed": False, "leaseUntil": UNCLAIMED}})
+    await mongo.update_many(db[EVENTS], {}, {"$set": {"processed": False, "leaseUntil": UNCLAIMED}})
     slow = IngestWatcher(telemetry.runtime)
     token, documents = await slow.claim_batch()
     await expire_watcher_leases(db)
@@ -164,7 +164,7 @@ async def test_verify_lists_set_aside_and_unattributed_events_and_dead_messages(
         [{"_id": "e1", "dead": True}, {"_id": "e2", "unattributed": "revoked"}]
     )
     await runtime.commands.publish(ApiKeyRevoked(keyHash="cd" * 32))
-    await runtime.commands.collection.update_many({}, {"$set": {"status": "dead"}})
+    await mongo.update_many(runtime.commands.collection, {}, {"$set": {"status": "dead"}})
     report = await verify(runtime.db, runtime.bus)
     assert not report.clean
     assert report.as_dict() == {

@@ -1,5 +1,6 @@
 """Each telemetry collection has one writer, checked on the syntax tree (not on text): a write
-method called on ``db[NAME]`` for a collection constant, anywhere else, fails this test.
+method called on ``db[NAME]`` for a collection constant (or ``mongo.update_many(db[NAME], ...)``),
+anywhere else, fails this test.
 
 - user_metrics: telemetry_service/devices/
 - identity_map, known_users, known_keys: telemetry_service/identity/
@@ -48,6 +49,8 @@ def collection_written(call: ast.Call) -> str | None:
     if not (isinstance(func, ast.Attribute) and func.attr in WRITE_METHODS):
         return None
     target = func.value
+    if isinstance(target, ast.Name) and target.id == "mongo" and call.args:
+        target = call.args[0]  # mongo.update_many(db[NAME], ...): shared_contracts/mongo.py
     if not isinstance(target, ast.Subscript):
         return None
     key = target.slice
@@ -88,6 +91,7 @@ def test_every_collection_is_written_only_by_its_home() -> None:
         "await self.runtime.db[collections.IDENTITY_MAP].bulk_write([])",
         'await db["username_metrics"].insert_one({})',
         "db[KNOWN_KEYS].delete_many({})",
+        "await mongo.update_many(db[KNOWN_USERS], {}, {})",
     ],
 )
 def test_the_check_sees_a_write(source: str) -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from pymongo.errors import ExecutionTimeout
 
-from shared_contracts import failpoints
+from shared_contracts import failpoints, mongo
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, UserRegistered
 from telemetry_service.collections import EVENTS, UNCLAIMED, USER_METRICS
@@ -219,8 +219,8 @@ async def test_poison_anywhere_in_a_big_batch_leaves_every_other_event_applied_i
     """First, last, many, all: one pass applies every innocent event, exactly once; only the
     poison waits, each with its reason and a backoff."""
     db = telemetry.runtime.db
-    await db[EVENTS].delete_many({})
-    await db[USER_METRICS].delete_many({})
+    await mongo.delete_many(db[EVENTS], {})
+    await mongo.delete_many(db[USER_METRICS], {})
     bad = data.draw(st.sets(st.integers(0, size - 1), min_size=1), label="poison positions")
     poison = Poison(monkeypatch)
     events = [cli_event(f"dev-{i % 4}") for i in range(size)]
@@ -249,8 +249,8 @@ async def test_two_replicas_over_a_mixed_backlog_with_poison_count_each_event_on
     lease: float,
 ) -> None:
     db = telemetry.runtime.db
-    await db[EVENTS].delete_many({})
-    await db[USER_METRICS].delete_many({})
+    await mongo.delete_many(db[EVENTS], {})
+    await mongo.delete_many(db[USER_METRICS], {})
     _, key = await telemetry.register(f"mix-{uuid.uuid4().hex[:8]}")
     poison = Poison(monkeypatch)
     anonymous: list[dict[str, Any]] = []
@@ -339,7 +339,9 @@ async def test_a_lease_lost_in_the_middle_of_a_split_counts_every_event_once(
         renewals += 1
         await real_renew(self, token)
         if self is not rival and renewals == 5:  # whole, [0:4], [0:2], [0:1], [1:2] -> [2:4]
-            await db[EVENTS].update_many({"claimToken": token}, {"$set": {"leaseUntil": UNCLAIMED}})
+            await mongo.update_many(
+                db[EVENTS], {"claimToken": token}, {"$set": {"leaseUntil": UNCLAIMED}}
+            )
             await rival.process_one_batch()
 
     monkeypatch.setattr(IngestWatcher, "_renew_lease", renew_then_lose)

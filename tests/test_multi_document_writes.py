@@ -1,0 +1,70 @@
+"""No update_many or delete_many outside a transaction, checked on the syntax tree: outside a
+caller's transaction they go through ``shared_contracts.mongo``, which runs them in one of their
+own. On the embedded server a plain one that meets a transaction's write deadlocks the server
+(tests/test_embedded_gaps.py); the tests' own helpers are held to it too, since they race the
+services' transactions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED = ["shared_contracts", "telemetry_service", "swamp_app", "swamp_club", "bench", "tests"]
+ALLOWED = {
+    "shared_contracts/mongo.py",  # the two functions themselves
+    "tests/test_embedded_gaps.py",  # the minimal test of the server's gap
+    "tests/test_multi_document_writes.py",  # this check's own examples
+}
+MULTI = {"update_many", "delete_many"}
+
+
+def plain_multi_writes(source: str) -> list[int]:
+    """Lines of ``x.update_many(...)`` / ``x.delete_many(...)`` without ``session=``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr not in MULTI:
+            continue
+        through_helper = isinstance(node.func.value, ast.Name) and node.func.value.id == "mongo"
+        if not through_helper and not any(k.arg == "session" for k in node.keywords):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_multi_document_write_runs_outside_a_transaction() -> None:
+    offenders = []
+    for package in CHECKED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative not in ALLOWED:
+                offenders += [f"{relative}:{n}" for n in plain_multi_writes(path.read_text())]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "await db[EVENTS].update_many({}, {})",
+        "await self.collection.delete_many({'status': 'done'})",
+        "await collection.update_many(\n    {},\n    {'$set': {'a': 1}},\n)",
+    ],
+)
+def test_the_check_sees_a_plain_multi_document_write(source: str) -> None:
+    assert plain_multi_writes(source) != []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "await mongo.update_many(db[EVENTS], {}, {})",
+        "await mongo.delete_many(collection, {})",
+        "await db[EVENTS].update_many({}, {}, session=session)",
+        "await db[EVENTS].update_one({}, {})",
+    ],
+)
+def test_the_check_lets_through_transactional_and_single_document_writes(source: str) -> None:
+    assert plain_multi_writes(source) == []
