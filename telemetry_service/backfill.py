@@ -11,8 +11,8 @@ A crash resumes after the last committed batch, never redoing one (I7); a replic
 lease cannot commit a batch.
 
 A batch costs a constant number of commands: list the entries (they are also the fold's input),
-read their devices (bounded $in chunks), read the versions, one bulk write, one bulk publish,
-one marker update, the commit.
+read their devices (one range read of their owners; by id only those owned by others), read the
+versions, one bulk write, one bulk publish, one marker update, the commit: seven in all.
 """
 
 from __future__ import annotations
@@ -171,7 +171,10 @@ class Backfill:
                 return None
             entries = {entry["_id"]: entry for entry in batch}
             user_ids = sorted(entries)
-            inputs = await load_inputs(db, user_ids, session=session, entries=entries)
+            inputs = await load_inputs(
+                db, user_ids, session=session, entries=entries,
+                owned_between=(user_ids[0], user_ids[-1]),
+            )  # fmt: skip
             await write_projections(
                 db=db,
                 refreshes=self.runtime.refreshes,

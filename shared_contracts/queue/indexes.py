@@ -25,6 +25,10 @@ def queue_indexes(done_retention_seconds: int) -> list[IndexModel]:
             unique=True,
             partialFilterExpression={"status": PENDING, "dedupeKey": {"$exists": True}},
         ),
+        # The publish's upsert looks the pending message up with this one: the embedded server
+        # never plans a query on a partial index (tests/test_embedded_gaps.py), and scanned the
+        # whole collection, done messages included, for every score refresh published.
+        IndexModel([("dedupeKey", ASCENDING), ("status", ASCENDING)], name="dedupe_lookup"),
         # Ordering keys: the earlier-message check and the promotion of the next in line.
         IndexModel(
             [("orderingKey", ASCENDING), ("orderSeq", ASCENDING)],

@@ -51,9 +51,32 @@ class DeviceWrite:
 
 
 async def load_devices(
-    db: Database, ids: Iterable[str], *, session: AsyncClientSession | None = None
+    db: Database,
+    ids: Iterable[str],
+    *,
+    owned_between: tuple[str, str] | None = None,
+    session: AsyncClientSession | None = None,
 ) -> dict[str, dict[str, Any]]:
-    return await find_by_ids(db[USER_METRICS], ids, session=session)
+    """Devices by id. ``owned_between`` (first, last userId): most of them are owned by users
+    in that range (a batch of users contiguous in userId order, as the backfill walks them), so
+    they are read with one range read of the owner index, and only the rest by id (devices of
+    a user owned by another, or by nobody yet). On the embedded server one $in of 500 ids costs
+    about 0.4 ms per id (README); the range read costs a fraction, and is one command where
+    ids are read in chunks of 500."""
+    wanted = set(ids)
+    found: dict[str, dict[str, Any]] = {}
+    if owned_between is not None and wanted:
+        first, last = owned_between
+        owned = db[USER_METRICS].find(
+            {"ownerUserId": {"$gte": first, "$lte": last}},
+            session=session,
+            batch_size=len(wanted) + 1,  # all of them in the first batch: no getMore
+        )
+        async for device in owned:
+            if device["_id"] in wanted:
+                found[device["_id"]] = device
+    rest = wanted - found.keys()
+    return found | await find_by_ids(db[USER_METRICS], rest, session=session)
 
 
 async def devices_of_user(

@@ -6,7 +6,8 @@ A projection is per userId (``_id``), with the user's current name as a unique a
 so a rename never resets it (I9).
 
 A batch of users costs a constant number of commands: read their identity entries, read all
-their devices (bounded $in chunks), read the current versions, one bulk write, one bulk publish.
+their devices (bounded $in chunks, or a range of owners), read the current versions, one bulk
+write, one bulk publish.
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ async def load_inputs(
     *,
     session: Session = None,
     entries: dict[str, dict[str, Any]] | None = None,
+    owned_between: tuple[str, str] | None = None,
 ) -> ProjectionInputs:
-    """Identity entries (unless the caller already read them) and all their devices."""
+    """Identity entries (unless the caller already read them) and all their devices;
+    ``owned_between``: see ``load_devices``."""
     if entries is None:
         entries = await load_entries(db, user_ids, session=session)
     device_ids = {d for entry in entries.values() for d in entry.get("distinctIds", [])}
-    devices = await load_devices(db, device_ids, session=session)
+    devices = await load_devices(db, device_ids, owned_between=owned_between, session=session)
     return ProjectionInputs(entries=entries, devices=devices)
 
 

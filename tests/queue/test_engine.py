@@ -140,6 +140,27 @@ async def test_the_claim_query_is_served_by_the_claim_index(jobs: Queue, bus: An
     assert not find_stage(winning, "COLLSCAN")
 
 
+async def test_the_coalescing_publish_finds_the_pending_message_by_an_index(
+    jobs: Queue, bus: Any
+) -> None:
+    """The upsert of every score refresh: on the embedded server, which never plans a query on
+    a partial index, it scanned the whole collection, done messages included (a 500-refresh
+    publish took 10 s with 1,000 messages stored, and grew with them)."""
+    for n in range(20):
+        await jobs.publish(Job(n=n))
+    explained = await bus.command(
+        {
+            "explain": {
+                "find": TELEMETRY_COMMANDS,
+                "filter": {"dedupeKey": "score:u1", "status": "pending"},
+            }
+        }
+    )
+    winning = explained["queryPlanner"]["winningPlan"]
+    assert find_stage(winning, "IXSCAN"), winning
+    assert not find_stage(winning, "COLLSCAN")
+
+
 async def test_a_late_ack_after_the_lease_moved_on_is_rejected(jobs: Queue) -> None:
     await jobs.publish(Job(n=1))
     stale = await jobs.claim(worker="stale")

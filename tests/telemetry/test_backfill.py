@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from shared_contracts import failpoints
+from shared_contracts.mongo import make_client
 from telemetry_service.backfill import AFTER_BATCH, MARKER, Backfill
 from telemetry_service.collections import (
     IDENTITY_MAP,
@@ -19,7 +20,7 @@ from telemetry_service.collections import (
 )
 from telemetry_service.projection.verify import find_drift
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import DbNames, swamp_club_cli
+from tests.support import DbNames, SeenCommands, swamp_club_cli
 from tests.telemetry.conftest import Telemetry
 
 STALE_VERSION = 3
@@ -175,3 +176,41 @@ async def test_the_operator_commands(
     assert (await swamp_club())[1].startswith("backfill did not run")
     assert await swamp_club("--rerun") == (0, "backfill ran: done, 4 users")
     assert (await swamp_club("--status", "--rerun"))[0] == 2
+
+
+async def test_devices_owned_outside_the_batch_or_by_nobody_are_folded_too(
+    telemetry: Telemetry, mongo_uri: str
+) -> None:
+    """A batch reads its devices by the range of its users as owners (one command), and by id
+    only those owned by someone outside the batch or by nobody yet."""
+    runtime = quick(telemetry.runtime, batch=2)
+    user_ids = await seed_dormant_users(runtime, 4)  # batches: uid00-uid01, uid02-uid03
+    db = runtime.db
+    users = {user_ids[0]: bucket(5), user_ids[3]: bucket(6)}
+    await db[USER_METRICS].insert_many(
+        [
+            # owned by uid03, in the next batch; uid00 has a bucket on it too
+            {"_id": "shared", "ownerUserId": user_ids[3], "users": users,
+             "userIds": sorted(users)},
+            # no owner recorded (anonymous history is nobody's): read by id
+            {"_id": "ownerless", "anon": bucket(50), "users": {user_ids[0]: bucket(7)},
+             "userIds": [user_ids[0]]},
+        ]
+    )  # fmt: skip
+    await db[IDENTITY_MAP].update_one(
+        {"_id": user_ids[0]}, {"$push": {"distinctIds": {"$each": ["shared", "ownerless"]}}}
+    )
+    await db[IDENTITY_MAP].update_one({"_id": user_ids[3]}, {"$push": {"distinctIds": "shared"}})
+    commands = SeenCommands()
+    client = make_client(mongo_uri, app_name="backfill", event_listeners=[commands])
+    try:
+        counted = TelemetryRuntime(settings=runtime.settings, client=client)
+        assert await Backfill(counted).run_if_needed()
+    finally:
+        await client.close()
+    assert await find_drift(db) == []
+    assert (await telemetry.stats("dormant-00"))["totalInvocations"] == 4 + 1 + 2 + 5 + 7
+    assert (await telemetry.stats("dormant-03"))["totalInvocations"] == 4 + 1 + 2 + 6
+    # batch 1: the owners' range, then by id the two owned elsewhere; batch 2: the range only
+    assert commands.count("find", USER_METRICS) == 3
+    assert commands.count("commitTransaction") == 3  # two batches, then the end found
