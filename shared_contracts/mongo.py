@@ -1,6 +1,6 @@
 """The one way every process opens MongoDB, so all clients agree on time zones and codecs."""
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient
@@ -29,11 +29,19 @@ async def in_transaction(
 
 # --- multi-document writes outside a caller's transaction -------------------------------------
 # Every update_many / delete_many that is not part of a caller's transaction goes through these
-# two (tests/test_multi_document_writes.py checks the syntax tree). The reason is the embedded
+# (tests/test_multi_document_writes.py checks the syntax tree). The reason is the embedded
 # server (tests/test_embedded_gaps.py): it retries a plain multi-document write's conflict with a
 # transaction while holding the collection's lock, so the transaction can never finish and the
 # server deadlocks. Inside a transaction a conflict aborts at once and with_transaction retries
 # it. On mongod it costs one commitTransaction and makes the write all or nothing.
+#
+# update_many / delete_many: a set bounded by a batch (a claim, a lease renewal), in one
+# transaction. update_all / delete_all: a set of any size (an operator's "all", housekeeping),
+# in transactions of at most CHUNK documents: one transaction over an unbounded set would run
+# into mongod's 60 s transaction limit.
+
+#: Documents per transaction in update_all / delete_all.
+CHUNK = 1000
 
 
 async def update_many(
@@ -41,7 +49,7 @@ async def update_many(
     query: Mapping[str, Any],
     update: Mapping[str, Any],
 ) -> UpdateResult:
-    """``collection.update_many`` in a transaction of its own."""
+    """``collection.update_many`` of a bounded set, in a transaction of its own."""
 
     async def write(session: AsyncClientSession) -> UpdateResult:
         return await collection.update_many(query, update, session=session)
@@ -52,9 +60,58 @@ async def update_many(
 async def delete_many(
     collection: AsyncCollection[dict[str, Any]], query: Mapping[str, Any]
 ) -> DeleteResult:
-    """``collection.delete_many`` in a transaction of its own."""
+    """``collection.delete_many`` of a bounded set, in a transaction of its own."""
 
     async def write(session: AsyncClientSession) -> DeleteResult:
         return await collection.delete_many(query, session=session)
 
     return await in_transaction(collection.database.client, write)
+
+
+async def update_all(
+    collection: AsyncCollection[dict[str, Any]],
+    query: Mapping[str, Any],
+    update: Mapping[str, Any],
+    *,
+    chunk: int = CHUNK,
+) -> int:
+    """Update every document matching ``query``, however many: in ``_id`` order, ``chunk`` at a
+    time, each chunk in a transaction of its own that checks ``query`` again. Each document is
+    visited once even if it still matches after the update. Returns how many were modified.
+    Nothing matching costs one read."""
+    modified = 0
+    async for ids in _chunks_of_ids(collection, query, chunk):
+        result = await update_many(collection, {"$and": [query, {"_id": {"$in": ids}}]}, update)
+        modified += result.modified_count
+    return modified
+
+
+async def delete_all(
+    collection: AsyncCollection[dict[str, Any]], query: Mapping[str, Any], *, chunk: int = CHUNK
+) -> int:
+    """Delete every document matching ``query``, ``chunk`` at a time (see ``update_all``)."""
+    deleted = 0
+    async for ids in _chunks_of_ids(collection, query, chunk):
+        result = await delete_many(collection, {"$and": [query, {"_id": {"$in": ids}}]})
+        deleted += result.deleted_count
+    return deleted
+
+
+async def _chunks_of_ids(
+    collection: AsyncCollection[dict[str, Any]], query: Mapping[str, Any], chunk: int
+) -> AsyncIterator[list[Any]]:
+    """The ids matching ``query`` in ``_id`` order, ``chunk`` at a time, each page read after
+    the previous one was handled (one round trip each: no cursor left open)."""
+    after: list[dict[str, Any]] = []
+    while True:
+        page = collection.find(
+            {"$and": [query, *after]}, {"_id": 1}, sort=[("_id", 1)], limit=chunk,
+            batch_size=chunk + 1,
+        )  # fmt: skip
+        ids = [document["_id"] async for document in page]
+        if not ids:
+            return
+        yield ids
+        if len(ids) < chunk:
+            return
+        after = [{"_id": {"$gt": ids[-1]}}]

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
+
+from shared_contracts import mongo
+from tests.support import DbNames, SeenCommands
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = ["shared_contracts", "telemetry_service", "swamp_app", "swamp_club", "bench", "tests"]
@@ -68,3 +73,40 @@ def test_the_check_sees_a_plain_multi_document_write(source: str) -> None:
 )
 def test_the_check_lets_through_transactional_and_single_document_writes(source: str) -> None:
     assert plain_multi_writes(source) == []
+
+
+# --- writes over a set of any size: chunked -----------------------------------------------------
+
+
+async def test_update_all_visits_each_document_once_in_bounded_transactions(
+    mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames, mongo_uri: str
+) -> None:
+    collection = mongo_client[db_names.bus]["update_all"]
+    await collection.insert_many([{"_id": f"d{i:04d}", "n": 0, "odd": i % 2} for i in range(25)])
+    commands = SeenCommands()
+    client = mongo.make_client(mongo_uri, app_name="chunks", event_listeners=[commands])
+    try:
+        counted = client[db_names.bus]["update_all"]
+        # still matching after the update: a loop that re-read the query would never end
+        assert (
+            await mongo.update_all(counted, {"n": {"$gte": 0}}, {"$inc": {"n": 1}}, chunk=10) == 25
+        )
+    finally:
+        await client.close()
+    assert commands.count("commitTransaction") == 3  # 10 + 10 + 5
+    assert commands.count("update") == 3
+    assert [d["n"] async for d in collection.find()] == [1] * 25
+    only_odd = {"odd": 1, "_id": {"$in": ["d0001", "d0002", "d0003"]}}
+    assert await mongo.update_all(collection, only_odd, {"$inc": {"n": 1}}, chunk=1) == 2
+    assert await mongo.update_all(collection, {"n": 99}, {"$inc": {"n": 1}}) == 0
+
+
+async def test_delete_all_deletes_every_match_in_chunks(
+    mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames
+) -> None:
+    collection = mongo_client[db_names.bus]["delete_all"]
+    await collection.insert_many([{"_id": i, "done": i % 3 != 0} for i in range(30)])
+    assert await mongo.delete_all(collection, {"done": True}, chunk=7) == 20
+    assert sorted([d["_id"] async for d in collection.find()]) == list(range(0, 30, 3))
+    assert await mongo.delete_all(collection, {}, chunk=100) == 10
+    assert await collection.count_documents({}) == 0

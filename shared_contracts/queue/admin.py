@@ -66,12 +66,11 @@ async def retry_dead(collection: Collection, *, ids: list[str] | None, now: date
     if ids is not None:
         query["_id"] = {"$in": [parse_id(i) for i in ids]}
     fields = {"attempts": 0, "availableAt": now, "updatedAt": now}
-    result = await mongo.update_many(
+    retried = await mongo.update_all(
         collection,
         {**query, "dedupeKey": {"$exists": False}},
         {"$set": {**fields, "status": PENDING}},
     )
-    retried = result.modified_count
     # A coalesced message may meet a newer pending one of its key: then it is superseded.
     async for document in collection.find({**query, "dedupeKey": {"$exists": True}}, {"_id": 1}):
         one = {"status": DEAD, "_id": document["_id"]}
@@ -80,5 +79,4 @@ async def retry_dead(collection: Collection, *, ids: list[str] | None, now: date
 
 
 async def purge_done(collection: Collection) -> int:
-    result = await mongo.delete_many(collection, {"status": DONE})
-    return result.deleted_count
+    return await mongo.delete_all(collection, {"status": DONE})

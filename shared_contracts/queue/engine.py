@@ -626,12 +626,11 @@ class Queue:
                 "at": now,
                 "attempt": None,
             }
-            result = await mongo.update_many(
+            swept += await mongo.update_all(
                 self.collection,
                 query,
                 {"$set": {"status": DEAD, "updatedAt": now, "lastError": record}},
             )
-            swept += result.modified_count
         if swept:
             metrics.OUTCOMES.labels(self.name, DEAD).inc(swept)
             log.error("%s: %d malformed documents moved to dead", self.name, swept)

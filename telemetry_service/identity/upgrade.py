@@ -58,7 +58,7 @@ class IdentityUpgrade:
         """Convert everything old; returns the number of users converted (0 if none)."""
         if await self.db[MIGRATIONS].find_one({"_id": MARKER, "status": "done"}):
             return 0
-        await mongo.update_many(
+        await mongo.update_all(
             self.db[KNOWN_USERS],
             {"renameSeq": {"$exists": True}},
             {"$rename": {"renameSeq": "nameSeq"}},
@@ -92,13 +92,13 @@ class IdentityUpgrade:
         app reads v2 only. Every user they could concern is re-projected below (publishing a
         v2 refresh), so they are finished as superseded instead of dying in the app."""
         now = datetime.now(UTC)
-        retired = await mongo.update_many(
+        retired = await mongo.update_all(
             self.runtime.refreshes.collection,
             {"type": "score_refresh", "schemaVersion": 1, "status": {"$in": ["pending", "dead"]}},
             {"$set": {"status": "done", "doneAt": now, "supersededAt": now, "updatedAt": now}},
         )
-        if retired.modified_count:
-            log.info("identity upgrade: %d v1 score refreshes superseded", retired.modified_count)
+        if retired:
+            log.info("identity upgrade: %d v1 score refreshes superseded", retired)
 
     async def _convert_entries(self, session: AsyncClientSession) -> int:
         """The next old identity entries' users. Their old entries go; what they listed does

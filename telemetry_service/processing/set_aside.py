@@ -12,9 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pymongo.asynchronous.client_session import AsyncClientSession
-
-from shared_contracts.mongo import in_transaction
+from shared_contracts import mongo
 from telemetry_service.collections import EVENTS, UNCLAIMED, Database
 
 SET_ASIDE: Final = {"processed": False, "dead": True}
@@ -59,34 +57,20 @@ async def list_set_aside(db: Database, *, limit: int = 50) -> list[dict[str, Any
 
 async def retry_set_aside(db: Database, *, ids: list[str] | None) -> int:
     """Back to the watcher with a fresh attempt budget (``ids`` None: all of them). The last
-    error stays as history.
-
-    In a transaction, like purge: all or nothing, and a conflict with a watcher's batch is a
-    transient error retried from the start. (On the embedded server a plain multi-document
-    write racing a transaction on the same events could deadlock the server:
-    test_retry_and_purge_racing_a_running_watcher_never_count_twice_or_lose_an_event hung.)"""
-
-    async def retry(session: AsyncClientSession) -> int:
-        result = await db[EVENTS].update_many(
-            _selected(ids),
-            {
-                "$set": {"attempts": 0, "leaseUntil": UNCLAIMED, "retriedAt": datetime.now(UTC)},
-                "$unset": {"dead": "", "claimToken": ""},
-            },
-            session=session,
-        )
-        return result.modified_count
-
-    return await in_transaction(db.client, retry)
+    error stays as history. In transactions of a bounded number of events (see
+    ``shared_contracts.mongo``): a conflict with a watcher's batch is retried, never a deadlock
+    of the embedded server."""
+    return await mongo.update_all(
+        db[EVENTS],
+        _selected(ids),
+        {
+            "$set": {"attempts": 0, "leaseUntil": UNCLAIMED, "retriedAt": datetime.now(UTC)},
+            "$unset": {"dead": "", "claimToken": ""},
+        },
+    )
 
 
 async def purge_set_aside(db: Database, *, ids: list[str] | None) -> int:
     """Delete set-aside events for good: they were never counted, and will not be. A re-send
-    of the same event id by the CLI is then stored again as new. In a transaction (see
-    retry_set_aside)."""
-
-    async def purge(session: AsyncClientSession) -> int:
-        result = await db[EVENTS].delete_many(_selected(ids), session=session)
-        return result.deleted_count
-
-    return await in_transaction(db.client, purge)
+    of the same event id by the CLI is then stored again as new (see retry_set_aside)."""
+    return await mongo.delete_all(db[EVENTS], _selected(ids))

@@ -32,6 +32,8 @@ WRITE_METHODS = {
     "replace_one",
     "delete_one",
     "delete_many",
+    "update_all",  # shared_contracts.mongo's
+    "delete_all",
     "bulk_write",
     "find_one_and_update",
     "find_one_and_replace",
