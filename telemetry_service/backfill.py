@@ -10,9 +10,10 @@ never an older copy read before it (which would write an older fold at a higher 
 A crash resumes after the last committed batch, never redoing one (I7); a replica that lost the
 lease cannot commit a batch.
 
-A batch costs a constant number of commands: list the entries (they are also the fold's input),
-read their devices (one range read of their owners; by id only those owned by others), read the
-versions, one bulk write, one bulk publish, one marker update, the commit: seven in all.
+Users are walked by pages of ids (one read per 50,000), each batch's entries read by id in its
+transaction. A batch costs seven commands whatever its size: its entries, their devices (one
+range read of their owners; by id only those owned by others), the versions, one bulk write,
+one bulk publish, one marker update, the commit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -35,13 +37,15 @@ from shared_contracts import failpoints
 from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.engine import LeaseLost
 from telemetry_service.collections import IDENTITY_MAP, MIGRATIONS
-from telemetry_service.identity.store import entries_after
+from telemetry_service.identity.store import load_entries, user_ids_after
 from telemetry_service.projection.writer import load_inputs, write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
 log = logging.getLogger(__name__)
 
 MARKER = "username_metrics_backfill"
+#: userIds read per page (ids only); batches are cut from it.
+ID_PAGE = 50_000
 #: Failpoint after a batch committed (a crash mid-backfill).
 AFTER_BATCH = "backfill.after_batch"
 Status = Literal["pending", "running", "done"]
@@ -146,9 +150,8 @@ class Backfill:
         if after:
             log.info("backfill resumes after user %r (%d done)", after, progress.done)
         last_report = time.monotonic()
-        while (done := await self._apply_next(after)) is not None:
-            after, count = done
-            progress.done += count
+        async for user_ids in self._batches(after):
+            progress.done += await self._apply(user_ids)
             PROGRESS.set(min(progress.done / max(total, 1), 1.0))
             failpoints.hit(AFTER_BATCH)
             if time.monotonic() - last_report >= self.settings.backfill_progress_seconds:
@@ -159,45 +162,50 @@ class Backfill:
         PROGRESS.set(1.0)
         log.info("backfill done: %s", progress.line())
 
-    async def _apply_next(self, after: str | None) -> tuple[str, int] | None:
-        """Re-project the next batch of users after ``after``, in one transaction that also
-        reads them. Returns the last userId done and how many, or None at the end."""
-        db = self.runtime.db
+    async def _batches(self, after: str | None) -> AsyncIterator[list[str]]:
+        """The userIds after ``after`` in order, a batch at a time, read a page of ids at a
+        time (one read per ``ID_PAGE`` users)."""
         size = self.settings.backfill_batch_size
+        while page := await user_ids_after(self.runtime.db, after, limit=max(ID_PAGE, size)):
+            for start in range(0, len(page), size):
+                yield page[start : start + size]
+            after = page[-1]
 
-        async def work(session: AsyncClientSession) -> tuple[str, int] | None:
-            batch = await entries_after(db, after, limit=size, session=session)
-            if not batch:
-                return None
-            entries = {entry["_id"]: entry for entry in batch}
-            user_ids = sorted(entries)
+    async def _apply(self, user_ids: list[str]) -> int:
+        """Re-project these users (consecutive in userId order) in one transaction that also
+        reads their entries and devices. Returns how many had an entry (one deleted meanwhile
+        has nothing to project)."""
+        db = self.runtime.db
+
+        async def work(session: AsyncClientSession) -> int:
+            entries = await load_entries(db, user_ids, session=session)
+            found = sorted(entries)
             inputs = await load_inputs(
-                db, user_ids, session=session, entries=entries,
+                db, found, session=session, entries=entries,
                 owned_between=(user_ids[0], user_ids[-1]),
             )  # fmt: skip
             await write_projections(
                 db=db,
                 refreshes=self.runtime.refreshes,
-                reasons=dict.fromkeys(user_ids, "backfill"),
+                reasons=dict.fromkeys(found, "backfill"),
                 session=session,
                 inputs=inputs,
             )
-            await self._record(user_ids, session)
-            return user_ids[-1], len(user_ids)
+            await self._record(last=user_ids[-1], users=len(found), session=session)
+            return len(found)
 
         done = await in_transaction(self.runtime.client, work)
-        if done is not None:
-            BATCHES.inc()
-            USERS.inc(done[1])
+        BATCHES.inc()
+        USERS.inc(done)
         return done
 
-    async def _record(self, user_ids: list[str], session: AsyncClientSession) -> None:
+    async def _record(self, *, last: str, users: int, session: AsyncClientSession) -> None:
         lease = datetime.now(UTC) + timedelta(seconds=self.settings.backfill_lease_seconds)
         result = await self.marker.update_one(
             {"_id": MARKER, "leaseOwner": self.owner, "status": "running"},
             {
-                "$set": {"lastUserId": user_ids[-1], "leaseUntil": lease},
-                "$inc": {"batches": 1, "users": len(user_ids)},
+                "$set": {"lastUserId": last, "leaseUntil": lease},
+                "$inc": {"batches": 1, "users": users},
             },
             session=session,
         )

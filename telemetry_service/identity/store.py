@@ -119,6 +119,18 @@ async def load_entries(
     return await find_by_ids(db[IDENTITY_MAP], user_ids, session=session)
 
 
+async def user_ids_after(db: Database, after: str | None, *, limit: int) -> list[str]:
+    """The next ``limit`` userIds in order, ids only: one read, no cursor left open. The
+    backfill walks users by these pages and reads each batch's entries by id: the embedded
+    server plans no ``_id`` range on the ``_id`` index (README), so a range read per batch
+    scanned every entry, and the backfill slowed with the population."""
+    query = {"_id": {"$gt": after}} if after is not None else {}
+    cursor = db[IDENTITY_MAP].find(
+        query, {"_id": 1}, sort=[("_id", 1)], limit=limit, batch_size=limit + 1
+    )
+    return [str(document["_id"]) async for document in cursor]
+
+
 async def entries_after(
     db: Database, after: str | None, *, limit: int, session: AsyncClientSession | None = None
 ) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import pytest
 
 from shared_contracts import failpoints
 from shared_contracts.mongo import make_client
+from telemetry_service import backfill
 from telemetry_service.backfill import AFTER_BATCH, MARKER, Backfill
 from telemetry_service.collections import (
     IDENTITY_MAP,
@@ -213,4 +214,18 @@ async def test_devices_owned_outside_the_batch_or_by_nobody_are_folded_too(
     assert (await telemetry.stats("dormant-03"))["totalInvocations"] == 4 + 1 + 2 + 6
     # batch 1: the owners' range, then by id the two owned elsewhere; batch 2: the range only
     assert commands.count("find", USER_METRICS) == 3
-    assert commands.count("commitTransaction") == 3  # two batches, then the end found
+    assert commands.count("commitTransaction") == 2  # one per batch
+
+
+async def test_users_are_walked_by_pages_of_ids_across_their_boundaries(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "ID_PAGE", 4)  # pages of 4 ids, batches of 3: 3+1, 3+1, 3+1
+    runtime = quick(telemetry.runtime, batch=3)
+    user_ids = await seed_dormant_users(runtime, 12)
+    assert await Backfill(runtime).run_if_needed()
+    assert await find_drift(runtime.db) == []
+    assert await versions(runtime) == dict.fromkeys(user_ids, STALE_VERSION + 1)
+    marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
+    assert (marker["status"], marker["users"], marker["batches"]) == ("done", 12, 6)
+    assert marker["lastUserId"] == user_ids[-1]
