@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from shared_contracts import mongo
@@ -110,3 +111,16 @@ async def test_delete_all_deletes_every_match_in_chunks(
     assert sorted([d["_id"] async for d in collection.find()]) == list(range(0, 30, 3))
     assert await mongo.delete_all(collection, {}, chunk=100) == 10
     assert await collection.count_documents({}) == 0
+
+
+async def test_update_all_and_delete_all_reach_ids_of_every_type(
+    mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames
+) -> None:
+    """Found by attack: paging by ``_id > last`` compares within one BSON type only, so the
+    ids of a type sorting after a page's last one were never visited."""
+    collection = mongo_client[db_names.bus]["id_types"]
+    ids: list[Any] = [1, 2.5, "a", "b", ObjectId(), ObjectId(), True]
+    await collection.insert_many([{"_id": i, "x": 0} for i in ids])
+    assert await mongo.update_all(collection, {}, {"$set": {"x": 1}}, chunk=2) == len(ids)
+    assert await collection.count_documents({"x": 0}) == 0
+    assert await mongo.delete_all(collection, {"x": 1}, chunk=2) == len(ids)

@@ -95,6 +95,8 @@ MALFORMED: list[tuple[Document, str]] = [
         {"status": PENDING, "attempts": {"$exists": True, "$not": {"$type": "number"}}},
         "attempts is not a number",
     ),
+    # A claim's $inc overflows it: every claim of the batch would fail, forever.
+    ({"status": PENDING, "attempts": {"$gte": 2**62}}, "attempts beyond any limit"),
     (
         {"status": ACTIVE, "leaseUntil": {"$not": {"$type": "date"}}},
         "active without a leaseUntil date",

@@ -11,6 +11,7 @@ import collections
 from dataclasses import replace
 from typing import Any
 
+from bson import Int64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -338,3 +339,18 @@ async def test_two_parks_racing_keep_the_newest_refresh(events: Queue) -> None:
     assert r3 is not None
     assert [w["projectionVersion"] for w in waiting] == [3], (waiting, r3["status"],
                                                               r3.get("supersededAt"))  # fmt: skip
+
+
+async def test_a_message_whose_attempts_cannot_grow_is_swept_aside_not_blocking_the_queue(
+    jobs: Queue,
+) -> None:
+    """Found by attack: attempts at the int64 maximum make every claim's $inc fail, and no
+    malformed-document query matched it, so the claims at the front of the queue failed
+    forever."""
+    await jobs.publish_many(Job(n=n) for n in range(4))
+    await jobs.collection.update_one({"n": 2}, {"$set": {"attempts": Int64(2**63 - 1)}})
+    queue = Queue(jobs.collection, config=replace(FAST, lease_seconds=60), types=jobs.types)
+    consumer = Consumer(queue, _noop, batch_handler=_noop_batch, batch_size=10)
+    claimed = [len(await consumer._try_claim()) for _ in range(3)]
+    assert sum(claimed) == 3, claimed
+    assert (await jobs.collection.find_one({"n": 2}) or {})["status"] == "dead"
