@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Document = dict[str, Any]
 Clock = Callable[[], datetime]
 DUPLICATE_KEY = 11000
+#: A message of an ordering key in one of these holds back the later ones of its key.
+UNFINISHED = (ACTIVE, PENDING)
 
 
 def utcnow() -> datetime:
@@ -166,6 +168,19 @@ async def to_pending(
     return "missed"
 
 
+def _parked(document: Document) -> bool:
+    available = document.get("availableAt")
+    if isinstance(available, datetime) and available.tzinfo is None:  # a client without tz_aware
+        available = available.replace(tzinfo=UTC)
+    return bool(available == PARKED)
+
+
+def _order_seq(document: Document) -> int:
+    """Publish order within a key; a document without one sorts first, as the server sorts."""
+    seq = document.get("orderSeq")
+    return seq if isinstance(seq, int) else -1
+
+
 def _payload_seq(document: Document) -> int:
     """When a message's payload was published (older releases' documents: their orderSeq)."""
     value = document.get("payloadSeq", document.get("orderSeq"))
@@ -272,12 +287,28 @@ class Queue:
             raise ValueError(f"{message.type} belongs on {message.QUEUE}, not {self.name}")
 
     async def _has_unfinished(self, ordering_key: str, session: AsyncClientSession | None) -> bool:
-        found = await self.collection.find_one(
-            {"orderingKey": ordering_key, "status": {"$in": [PENDING, ACTIVE]}},
-            projection={"_id": 1},
-            session=session,
-        )
-        return found is not None
+        for status in UNFINISHED:
+            found = await self.collection.find_one(
+                {"status": status, "orderingKey": ordering_key}, {"_id": 1}, session=session
+            )
+            if found is not None:
+                return True
+        return False
+
+    async def _unfinished(
+        self, keys: Iterable[str], *, statuses: tuple[str, ...] = UNFINISHED
+    ) -> list[Document]:
+        """The unfinished messages of these ordering keys, one indexed read per status: the
+        embedded server plans equality fields and one $in (tests/test_embedded_gaps.py), so
+        {orderingKey: {$in}, status: {$in}} read every message the keys ever had there."""
+        wanted = sorted(set(keys))
+        found: list[Document] = []
+        for status in statuses:
+            found += await self.collection.find(
+                {"status": status, "orderingKey": {"$in": wanted}},
+                {"status": 1, "orderingKey": 1, "orderSeq": 1, "availableAt": 1},
+            ).to_list()
+        return found
 
     # --- claiming -----------------------------------------------------------------------
 
@@ -364,15 +395,8 @@ class Queue:
         keyed = [claim for claim in claims if claim.ordering_key is not None]
         if not keyed:
             return []
-        unfinished = self.collection.find(
-            {
-                "orderingKey": {"$in": sorted({c.ordering_key for c in keyed if c.ordering_key})},
-                "status": {"$in": [PENDING, ACTIVE]},
-            },
-            {"orderingKey": 1, "orderSeq": 1},
-        )
         first: dict[str, Any] = {}
-        async for document in unfinished:
+        for document in await self._unfinished(c.ordering_key for c in keyed if c.ordering_key):
             key, seq = document.get("orderingKey"), document.get("orderSeq")
             if isinstance(key, str) and isinstance(seq, int) and seq < first.get(key, seq + 1):
                 first[key] = seq
@@ -384,15 +408,7 @@ class Queue:
         ]
 
     async def _behind_earlier(self, claim: Claim) -> bool:
-        earlier = await self.collection.find_one(
-            {
-                "orderingKey": claim.ordering_key,
-                "status": {"$in": [PENDING, ACTIVE]},
-                "orderSeq": {"$lt": claim.document.get("orderSeq")},
-            },
-            projection={"_id": 1},
-        )
-        return earlier is not None
+        return bool(await self._behind_earlier_many([claim]))
 
     async def _park(self, claim: Claim) -> None:
         """Claimed out of order (a publish race): wait behind the earlier message again."""
@@ -414,23 +430,25 @@ class Queue:
         Right after a message of the key finished, the check can be skipped: if a racing publish
         left another unparked message of the key, the claim-time check parks the follower again.
         """
-        blocking = check_blocking and await self.collection.find_one(
-            {
-                "orderingKey": ordering_key,
-                "status": {"$in": [PENDING, ACTIVE]},
-                "availableAt": {"$ne": PARKED},
-            },
-            projection={"_id": 1},
+        statuses = UNFINISHED if check_blocking else (PENDING,)
+        for _ in range(3):  # the one chosen was moved meanwhile: look again
+            unfinished = await self._unfinished([ordering_key], statuses=statuses)
+            if check_blocking and any(not _parked(document) for document in unfinished):
+                return False
+            parked = [document for document in unfinished if _parked(document)]
+            if not parked:
+                return False
+            if await self._unpark(min(parked, key=_order_seq)):
+                return True
+        return False
+
+    async def _unpark(self, document: Document) -> bool:
+        now = self.clock()
+        result = await self.collection.update_one(
+            {"_id": document["_id"], "status": PENDING, "availableAt": PARKED},
+            {"$set": {"availableAt": now, "updatedAt": now}},
         )
-        if blocking:
-            return False
-        promoted = await self.collection.find_one_and_update(
-            {"orderingKey": ordering_key, "status": PENDING, "availableAt": PARKED},
-            {"$set": {"availableAt": self.clock(), "updatedAt": self.clock()}},
-            sort=[("orderSeq", 1)],
-            projection={"_id": 1},
-        )
-        return promoted is not None
+        return result.modified_count == 1
 
     # --- finishing a claim --------------------------------------------------------------
 
@@ -478,13 +496,16 @@ class Queue:
         keys = sorted({c.ordering_key for c in claims if c.ordering_key is not None})
         if not keys:
             return
-        parked = self.collection.find(
-            {"orderingKey": {"$in": keys}, "status": PENDING, "availableAt": PARKED},
-            {"orderingKey": 1},
-        )
-        waiting = {d["orderingKey"] async for d in parked}
-        for key in sorted(waiting):
-            await self.promote(key, check_blocking=False)
+        next_in_line: dict[str, Document] = {}
+        for document in await self._unfinished(keys, statuses=(PENDING,)):
+            key = document.get("orderingKey")
+            if _parked(document) and isinstance(key, str):
+                best = next_in_line.setdefault(key, document)
+                if _order_seq(document) < _order_seq(best):
+                    next_in_line[key] = document
+        for key, document in sorted(next_in_line.items()):
+            if not await self._unpark(document):
+                await self.promote(key, check_blocking=False)
 
     async def fail(self, claim: Claim, error: BaseException) -> bool:
         """Retry later with backoff, or dead after maxAttempts."""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure
 
 from shared_contracts.names import QUEUE_COLLECTIONS
 from shared_contracts.queue.documents import PENDING
 
 TTL_INDEX = "done_ttl"
+ORDERING_INDEX = "unfinished_by_key"
+#: Indexes earlier releases created and nothing queries any more: dropped at start-up.
+RETIRED_INDEXES = ("ordering",)
 
 
 def queue_indexes(done_retention_seconds: int) -> list[IndexModel]:
@@ -29,11 +34,14 @@ def queue_indexes(done_retention_seconds: int) -> list[IndexModel]:
         # never plans a query on a partial index (tests/test_embedded_gaps.py), and scanned the
         # whole collection, done messages included, for every score refresh published.
         IndexModel([("dedupeKey", ASCENDING), ("status", ASCENDING)], name="dedupe_lookup"),
-        # Ordering keys: the earlier-message check and the promotion of the next in line.
+        # Ordering keys: the unfinished messages of some keys, one status at a time (the
+        # earlier-message check, the promotion of the next in line). Status first, and no
+        # partial filter: the embedded server plans equality fields followed by one $in or
+        # range, on an index without a partial filter only; on the partial (orderingKey,
+        # orderSeq) index it read every message a key ever had, done ones included.
         IndexModel(
-            [("orderingKey", ASCENDING), ("orderSeq", ASCENDING)],
-            name="ordering",
-            partialFilterExpression={"orderingKey": {"$exists": True}},
+            [("status", ASCENDING), ("orderingKey", ASCENDING), ("orderSeq", ASCENDING)],
+            name=ORDERING_INDEX,
         ),
         IndexModel([("status", ASCENDING), ("leaseUntil", ASCENDING)], name="reap"),
         IndexModel([("status", ASCENDING), ("type", ASCENDING)], name="status_type"),
@@ -51,6 +59,16 @@ async def ensure_queue_indexes(
         collection = bus[name]
         await _sync_ttl(collection, done_retention_seconds)
         await collection.create_indexes(queue_indexes(done_retention_seconds))
+        await _drop_retired(collection)
+
+
+async def _drop_retired(collection: AsyncCollection[dict[str, Any]]) -> None:
+    """Every queue write maintains every index: one nothing reads is pure cost."""
+    existing = await collection.index_information()
+    for name in RETIRED_INDEXES:
+        if name in existing:
+            with contextlib.suppress(OperationFailure):  # a replica dropped it first
+                await collection.drop_index(name)
 
 
 async def _sync_ttl(collection: AsyncCollection[dict[str, Any]], seconds: int) -> None:

@@ -23,6 +23,7 @@ from shared_contracts.queue.consumer import Consumer, Delivery, ack_all
 from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost, Queue
 from tests.queue.conftest import FAST, Job
+from tests.queue.test_engine import find_stage
 from tests.support import SeenCommands, eventually
 
 
@@ -69,6 +70,53 @@ async def test_a_batch_keeps_ordering_keys(jobs: Queue) -> None:
     assert [c.document["n"] for c in await jobs.claim_many(worker="w", limit=10)] == [3]
     await jobs.ack(first)  # outside a transaction it promotes at once
     assert [c.document["n"] for c in await jobs.claim_many(worker="w", limit=10)] == [1]
+
+
+class OrderingFilters(SeenCommands):
+    """The filter of every command a client sent that names an ordering key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters: list[dict[str, Any]] = []
+
+    def started(self, event: Any) -> None:
+        command = event.command
+        found = [command.get("filter"), command.get("query")]
+        found += [update.get("q") for update in command.get("updates", [])]
+        self.filters += [f for f in found if isinstance(f, dict) and "orderingKey" in f]
+
+
+async def test_every_ordering_look_up_is_planned_on_an_index(jobs: Queue, mongo_uri: str) -> None:
+    """Publishing behind an unfinished message, claiming one and many, parking, promoting: the
+    embedded server plans equality fields and one $in or range on an index without a partial
+    filter only; on the partial (orderingKey, orderSeq) index it read every message a key ever
+    had, done ones included (7 days of a user's score refreshes, for every claim)."""
+    seen = OrderingFilters()
+    client: Any = make_client(mongo_uri, app_name="ordering", event_listeners=[seen])
+    try:
+        queue = Queue(client[jobs.collection.database.name][jobs.name], config=FAST,
+                      types=jobs.types)  # fmt: skip
+        await queue.publish(Job(n=0, key="a"))
+        first = await queue.claim(worker="other")
+        assert first is not None
+        await queue.publish(Job(n=1, key="a"))  # behind an unfinished one: parked
+        await queue.publish_many([Job(n=2, key="b"), Job(n=3, key="b")])
+        claims = await queue.claim_many(worker="w", limit=10)  # n=3 parked behind n=2
+        assert [c.document["n"] for c in claims] == [2]
+        await in_transaction(client, lambda session: queue.ack_many(claims, session=session))
+        await queue.promote_after(claims)
+        await queue.ack(first)  # promotes n=1
+        await queue.reap()
+    finally:
+        await client.close()
+    assert len(seen.filters) >= 5, seen.filters  # the checks above did run
+    for query in seen.filters:
+        explained = await jobs.collection.database.command(
+            {"explain": {"find": jobs.name, "filter": query}}
+        )
+        winning = explained["queryPlanner"]["winningPlan"]
+        assert find_stage(winning, "IXSCAN"), (query, winning)
+        assert not find_stage(winning, "COLLSCAN"), (query, winning)
 
 
 async def test_a_batch_whose_lease_was_lost_is_acked_not_at_all(jobs: Queue) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from telemetry_service.collections import USERNAME_METRICS
+from tests.queue.test_engine import find_stage
 from tests.telemetry.conftest import Telemetry
 
 
@@ -17,3 +19,14 @@ async def test_a_username_with_a_newline_is_422(telemetry: Telemetry, name: str)
 async def test_a_well_formed_unknown_username_is_404(telemetry: Telemetry) -> None:
     response = await telemetry.http.get("/v1/stats", params={"username": "zed"})
     assert response.status_code == 404
+
+
+async def test_the_stats_look_up_is_planned_on_an_index(telemetry: Telemetry) -> None:
+    """On the embedded server, which never plans a query on a partial index, it read every
+    projection: 112 ms a request with 5,000 users, growing with them."""
+    explained = await telemetry.runtime.db.command(
+        {"explain": {"find": USERNAME_METRICS, "filter": {"username": "zed"}}}
+    )
+    winning = explained["queryPlanner"]["winningPlan"]
+    assert find_stage(winning, "IXSCAN"), winning
+    assert not find_stage(winning, "COLLSCAN")
