@@ -55,6 +55,45 @@ class SeenCommands(monitoring.CommandListener):
         return self.names(collection).count(name)
 
 
+class SeenFilters(SeenCommands):
+    """The filter of every read or write a client sent: (collection, filter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters: list[tuple[str, dict[str, Any]]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        command, name = event.command, event.command_name
+        target = command.get(name)
+        if not isinstance(target, str):
+            return
+        found = [command.get("filter"), command.get("query")]
+        found += [statement.get("q") for statement in command.get("updates", [])]
+        self.filters += [(target, f) for f in found if isinstance(f, dict)]
+
+
+def find_stage(plan: Any, stage: str) -> list[dict[str, Any]]:
+    """Every stage of that name in an explained plan."""
+    found = []
+    if isinstance(plan, dict):
+        if plan.get("stage") == stage:
+            found.append(plan)
+        for value in plan.values():
+            found += find_stage(value, stage)
+    elif isinstance(plan, list):
+        for value in plan:
+            found += find_stage(value, stage)
+    return found
+
+
+async def assert_planned_on_an_index(db: Any, collection: str, query: dict[str, Any]) -> None:
+    """The server plans this filter on an index, scanning no collection."""
+    explained = await db.command({"explain": {"find": collection, "filter": query}})
+    winning = explained["queryPlanner"]["winningPlan"]
+    assert find_stage(winning, "IXSCAN"), (collection, query, winning)
+    assert not find_stage(winning, "COLLSCAN"), (collection, query, winning)
+
+
 class LoggedProcess(subprocess.Popen[str]):
     """A child process (`swamp-club up`) whose output goes to a file.
 

@@ -82,10 +82,11 @@ async def load_devices(
 async def devices_of_user(
     db: Database, user_id: str, *, session: AsyncClientSession | None = None
 ) -> list[str]:
-    """Every device on which the user has a bucket or which the user owns."""
-    found = await db[USER_METRICS].distinct(
-        "_id", {"$or": [{"userIds": user_id}, {"ownerUserId": user_id}]}, session=session
-    )
+    """Every device on which the user has a bucket or which the user owns. Two indexed reads,
+    not one ``$or``: the embedded server plans no ``$or`` and read every device."""
+    found: set[str] = set()
+    for field in ("userIds", "ownerUserId"):
+        found.update(await db[USER_METRICS].distinct("_id", {field: user_id}, session=session))
     return sorted(found)
 
 

@@ -662,25 +662,23 @@ class IngestWatcher:
         candidates = [e for e in ready if e.user_id is not None and e.device not in owners]
         if not candidates:
             return set()
-        unapplied = await main_line.unapplied_filter(self.runtime.db, session=session)
-        earlier = self.events.find(
-            {
-                **unapplied,
-                "distinctId": {"$in": sorted({e.device for e in candidates})},
-                "seq": {"$lt": max(e.arrival for e in candidates)},
-                "keyHash": {"$ne": None},
-                "dead": {"$ne": True},
-                "lastError": {"$exists": False},
-                "_id": {"$nin": [e.id for e in batch]},
-            },
-            {"distinctId": 1, "seq": 1},
+        unapplied = await main_line.unapplied_on_devices(
+            self.runtime.db,
+            sorted({e.device for e in candidates}),
+            below=max(e.arrival for e in candidates),
             session=session,
         )
+        in_batch = {e.id for e in batch}
         first: dict[str, int] = {}
-        async for event in earlier:
-            first[event["distinctId"]] = min(
-                first.get(event["distinctId"], event["seq"]), event["seq"]
-            )
+        for event in unapplied:
+            if (
+                event.get("keyHash") is not None
+                and event.get("dead") is not True
+                and "lastError" not in event
+                and event["_id"] not in in_batch
+            ):
+                device = event["distinctId"]
+                first[device] = min(first.get(device, event["seq"]), event["seq"])
         return {e.id for e in candidates if e.arrival > first.get(e.device, e.arrival)}
 
     async def _defer(

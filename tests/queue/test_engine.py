@@ -20,6 +20,7 @@ from shared_contracts.queue.documents import QUEUE_FIELDS, InvalidMessage, parse
 from shared_contracts.queue.engine import LeaseLost, Queue, backoff_seconds, utcnow
 from shared_contracts.queue.indexes import TTL_INDEX, ensure_queue_indexes
 from tests.queue.conftest import FAST, Job
+from tests.support import find_stage
 
 
 def refresh(username: str, version: int) -> ScoreRefresh:
@@ -102,19 +103,6 @@ async def test_publish_inside_an_aborted_transaction_leaves_no_message(
 async def test_publishing_on_the_wrong_queue_is_refused(jobs: Queue) -> None:
     with pytest.raises(ValueError, match="belongs on swamp_club_events"):
         await jobs.publish(refresh("frank", 1))
-
-
-def find_stage(plan: Any, stage: str) -> list[dict[str, Any]]:
-    found = []
-    if isinstance(plan, dict):
-        if plan.get("stage") == stage:
-            found.append(plan)
-        for value in plan.values():
-            found += find_stage(value, stage)
-    elif isinstance(plan, list):
-        for value in plan:
-            found += find_stage(value, stage)
-    return found
 
 
 async def test_the_claim_query_is_served_by_the_claim_index(jobs: Queue, bus: Any) -> None:

@@ -22,7 +22,8 @@ from pymongo.errors import AutoReconnect
 from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash
 from shared_contracts.mongo import make_client
-from telemetry_service.collections import EVENTS, PROGRESS
+from telemetry_service.collections import EVENTS, PROGRESS, USER_METRICS
+from telemetry_service.devices.store import devices_of_user
 from telemetry_service.ingest import arrival
 from telemetry_service.processing import progress as main_line
 from telemetry_service.processing import watcher as watcher_module
@@ -30,7 +31,9 @@ from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
 from tests.support import (
     SeenCommands,
+    SeenFilters,
     applied_events,
+    assert_planned_on_an_index,
     eventually,
     expire_watcher_leases,
     unapplied_events,
@@ -468,3 +471,114 @@ async def test_an_older_releases_event_does_not_overtake_an_earlier_one_on_the_m
     assert await unapplied_events(telemetry.runtime.db) == 0
     device = (await telemetry.device("upgrade-dev")).json()
     assert device["ownerUserId"] == alice
+
+
+main_line_states = st.dictionaries(
+    keys=st.integers(-3, 40),  # arrival numbers; negative: numbered from an older release
+    values=st.tuples(
+        st.sampled_from(["d0", "d1", "d2"]), st.sampled_from(["main", "aside", "old"])
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    events=main_line_states,
+    through=st.integers(-3, 40),
+    gaps=st.lists(st.tuples(st.integers(-3, 40), st.integers(0, 3)), max_size=3),
+    devices=st.sets(st.sampled_from(["d0", "d1", "d2"]), min_size=1),
+    below=st.integers(-3, 45),
+    limit=st.integers(1, 40),
+)
+async def test_the_watcher_s_reads_select_what_the_unapplied_query_selects(
+    telemetry: Telemetry,
+    events: dict[int, tuple[str, str]],
+    through: int,
+    gaps: list[tuple[int, int]],
+    devices: set[str],
+    below: int,
+    limit: int,
+) -> None:
+    """above_mark and unapplied_on_devices read range by range, without an $or (the embedded
+    server plans none): whatever the events, the mark and its gaps, they select exactly what the
+    one-query definitions select."""
+    db = telemetry.runtime.db
+    await db[EVENTS].drop()
+    remembered = [main_line.Gap(first, min(first + width, through), NOW)
+                  for first, width in gaps if first <= through]  # fmt: skip
+    progress = main_line.Progress(through, remembered)
+    stored = {"_id": "arrival", "through": through, "gaps": [g.to_document() for g in remembered]}
+    await db[PROGRESS].replace_one({"_id": "arrival"}, stored, upsert=True)
+    if events:
+        marks = {"main": {}, "aside": {"processed": False}, "old": {"processed": True}}
+        await db[EVENTS].insert_many(
+            [{"_id": f"e{seq}", "seq": seq, "distinctId": device, **marks[state]}
+             for seq, (device, state) in events.items()]
+        )  # fmt: skip
+
+    in_reach = [
+        seq for seq in sorted(events)
+        if seq > through or any(g.first <= seq <= g.last for g in remembered)
+    ]  # fmt: skip
+    read = await main_line.above_mark(db, progress, limit=limit)
+    assert [d["seq"] for d in read] == in_reach[:limit]
+
+    definition = {
+        "$and": [main_line.unapplied_query(stored), {"distinctId": {"$in": sorted(devices)}}],
+        "seq": {"$lt": below},
+    }
+    expected = {d["_id"] async for d in db[EVENTS].find(definition)}
+    async with telemetry.runtime.client.start_session() as session:
+        found = await main_line.unapplied_on_devices(
+            db, sorted(devices), below=below, session=session
+        )
+    assert {d["_id"] for d in found} == expected
+    assert len(found) == len(expected)  # none twice
+
+
+async def test_the_watcher_s_reads_of_events_are_planned_on_indexes(
+    telemetry: Telemetry, mongo_uri: str
+) -> None:
+    """A remembered gap, and an authenticated event on a device without an owner behind an
+    earlier keyed one: the watcher's reads above the mark, in the gap and of those devices are
+    planned on indexes. With an $or they scanned every event stored (0.6 s at 20,000, inside the
+    batch's transaction)."""
+    db = telemetry.runtime.db
+    seen = SeenFilters()
+    client: Any = make_client(mongo_uri, app_name="main-line-plans", event_listeners=[seen])
+    try:
+        _, key = await telemetry.register("gwen")
+        await telemetry.post(cli_event("plan-dev"))
+        hole = await reserve_without_inserting(telemetry, 2)
+        await telemetry.post(cli_event("plan-dev"))
+        runtime = TelemetryRuntime(
+            settings=telemetry.runtime.settings.model_copy(update={"ingest_gap_wait_seconds": 0}),
+            client=client,
+        )
+        await IngestWatcher(runtime).drain()  # skips the hole: a remembered gap
+        assert (await mark(telemetry)).gaps
+        await insert_late(telemetry, hole, "plan-new", 1)  # lands late, in the gap
+        await telemetry.post({"events": [cli_event("plan-new"), cli_event("plan-new")]}, key)
+        await IngestWatcher(runtime).drain()
+        await devices_of_user(runtime.db, "nobody")
+    finally:
+        await client.close()
+    # The reads of this scenario: above the mark and in the gap, by range; of the devices,
+    # aside and by range; a user's devices. (The aside claim's reads are planned on none, and
+    # ride the partial "aside" index in execution: they read the events aside, however few.)
+    ranges = [q for c, q in seen.filters if c == EVENTS and set(q) == {"seq"}]
+    by_device = [
+        q for c, q in seen.filters if c == EVENTS and set(q) == {"distinctId", "processed"}
+    ]
+    devices = [
+        q for c, q in seen.filters if c == USER_METRICS and set(q) <= {"userIds", "ownerUserId"}
+    ]
+    assert any("$gte" in q["seq"] for q in ranges), seen.filters  # a gap's range was read
+    assert by_device, seen.filters
+    assert len(devices) == 2, seen.filters
+    assert not [q for c, q in seen.filters if c == EVENTS and "$or" in q], seen.filters
+    for collection, query in [(EVENTS, q) for q in ranges + by_device] + [
+        (USER_METRICS, q) for q in devices
+    ]:
+        await assert_planned_on_an_index(db, collection, query)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from telemetry_service.collections import USERNAME_METRICS
-from tests.queue.test_engine import find_stage
+from tests.support import assert_planned_on_an_index
 from tests.telemetry.conftest import Telemetry
 
 
@@ -24,9 +24,4 @@ async def test_a_well_formed_unknown_username_is_404(telemetry: Telemetry) -> No
 async def test_the_stats_look_up_is_planned_on_an_index(telemetry: Telemetry) -> None:
     """On the embedded server, which never plans a query on a partial index, it read every
     projection: 112 ms a request with 5,000 users, growing with them."""
-    explained = await telemetry.runtime.db.command(
-        {"explain": {"find": USERNAME_METRICS, "filter": {"username": "zed"}}}
-    )
-    winning = explained["queryPlanner"]["winningPlan"]
-    assert find_stage(winning, "IXSCAN"), winning
-    assert not find_stage(winning, "COLLSCAN")
+    await assert_planned_on_an_index(telemetry.runtime.db, USERNAME_METRICS, {"username": "zed"})
