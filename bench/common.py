@@ -29,6 +29,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from shared_contracts.mongo import make_client
 from swamp_club.embedded_db import EmbeddedDb
+from telemetry_service.collections import event_indexes
 from telemetry_service.settings import TelemetrySettings
 
 Client = AsyncMongoClient[dict[str, Any]]
@@ -194,7 +195,8 @@ class ServerProfile:
         )  # fmt: skip
 
     def shares(self) -> str:
-        """The top handlers by share of the samples, e.g. '_find_and_modify 0.41, _insert ...'."""
+        """The top handlers by share of the samples, e.g. '_find_and_modify 0.41, _insert ...',
+        then the share of all samples spent reading index definitions for writes."""
         if self.process is None:
             return self.note
         self.process.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
@@ -202,12 +204,20 @@ class ServerProfile:
         if not self.output.exists():
             return f"unavailable ({error.decode(errors='replace').strip()[-120:]})"
         by_handler: collections.Counter[str] = collections.Counter()
+        metadata = 0
         for line in self.output.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             by_handler[handler_of(stack)] += int(count)
+            metadata += int(count) if INDEX_METADATA in stack else 0
         total = sum(by_handler.values()) or 1
         top = by_handler.most_common(6)
-        return ", ".join(f"{name} {n / total:.2f}" for name, n in top)
+        shares = ", ".join(f"{name} {n / total:.2f}" for name, n in top)
+        return f"{shares}; index definitions read per document written {metadata / total:.2f}"
+
+
+#: The embedded server reads and decodes every index definition of a collection, several times
+#: for each document it inserts or updates: what a secondary index costs a write there.
+INDEX_METADATA = "_iter_indexes (secantus/storage.py"
 
 
 def handler_of(stack: str) -> str:
@@ -283,10 +293,13 @@ def spread(values: list[float]) -> str:
 @dataclass(frozen=True)
 class Baseline:
     """Raw insert_many of the same documents on the same server in the same run: docs/s in one
-    call and in calls of 25, each the median of ``BASELINE_REPETITIONS`` timed runs."""
+    call and in calls of 25, and in one call into a collection with the indexes ``events`` has
+    (what storing them costs before any of the pipeline's work), each the median of
+    ``BASELINE_REPETITIONS`` timed runs."""
 
     one_call: list[float]
     calls_of_25: list[float]
+    indexed: list[float]
 
     @property
     def rate(self) -> float:
@@ -296,21 +309,34 @@ class Baseline:
     def rate_25(self) -> float:
         return statistics.median(self.calls_of_25)
 
+    @property
+    def rate_indexed(self) -> float:
+        return statistics.median(self.indexed)
+
 
 async def raw_baseline(client: Client, db: str, documents: list[dict[str, Any]]) -> Baseline:
     """Run with no change stream open (the services are stopped): the floor the pipeline is
     measured against. Each repetition writes into a fresh collection."""
-    one, small = [], []
+    one: list[float] = []
+    small: list[float] = []
+    indexed: list[float] = []
     collection = client[db]["raw_copy"]
+    runs = (
+        (len(documents), one, False),
+        (REQUEST_SIZE, small, False),
+        (len(documents), indexed, True),
+    )
     for _ in range(BASELINE_REPETITIONS):
-        for calls, rates in ((len(documents), one), (REQUEST_SIZE, small)):
+        for calls, rates, with_indexes in runs:
             await collection.drop()
+            if with_indexes:
+                await collection.create_indexes(event_indexes())
             with Stopwatch() as clock:
                 for start in range(0, len(documents), calls):
                     await collection.insert_many(documents[start : start + calls], ordered=False)
             rates.append(len(documents) / clock.seconds)
     await collection.drop()
-    return Baseline(one, small)
+    return Baseline(one, small, indexed)
 
 
 @dataclass

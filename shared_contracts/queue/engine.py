@@ -287,26 +287,38 @@ class Queue:
             raise ValueError(f"{message.type} belongs on {message.QUEUE}, not {self.name}")
 
     async def _has_unfinished(self, ordering_key: str, session: AsyncClientSession | None) -> bool:
-        for status in UNFINISHED:
-            found = await self.collection.find_one(
-                {"status": status, "orderingKey": ordering_key}, {"_id": 1}, session=session
-            )
-            if found is not None:
-                return True
-        return False
+        return bool(await self._unfinished([ordering_key], session=session))
 
     async def _unfinished(
-        self, keys: Iterable[str], *, statuses: tuple[str, ...] = UNFINISHED
+        self,
+        keys: Iterable[str],
+        *,
+        statuses: tuple[str, ...] = UNFINISHED,
+        session: AsyncClientSession | None = None,
     ) -> list[Document]:
         """The unfinished messages of these ordering keys, one indexed read per status: the
         embedded server plans equality fields and one $in (tests/test_embedded_gaps.py), so
-        {orderingKey: {$in}, status: {$in}} read every message the keys ever had there."""
+        {orderingKey: {$in}, status: {$in}} read every message the keys ever had there.
+
+        The reads of several statuses share one snapshot, a transaction (the caller's, if it is
+        in one): one after the other, a message claimed between them, pending in the first and
+        active in the second, was in neither, and two workers held messages of one key at once
+        (tests/queue/test_ordering_races.py)."""
         wanted = sorted(set(keys))
-        found: list[Document] = []
+        if len(statuses) > 1 and not (session is not None and session.in_transaction):
+            found: list[Document] = []
+
+            async def read(snapshot: AsyncClientSession) -> None:
+                found[:] = await self._unfinished(wanted, statuses=statuses, session=snapshot)
+
+            await mongo.in_transaction(self.collection.database.client, read)
+            return found
+        found = []
         for status in statuses:
             found += await self.collection.find(
                 {"status": status, "orderingKey": {"$in": wanted}},
                 {"status": 1, "orderingKey": 1, "orderSeq": 1, "availableAt": 1},
+                session=session,
             ).to_list()
         return found
 

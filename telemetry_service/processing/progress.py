@@ -128,12 +128,11 @@ async def above_mark(db: Database, progress: Progress, *, limit: int) -> list[di
     One read per range (the mark, then each remembered gap), never one ``$or`` of them: the
     embedded server plans no ``$or`` (tests/test_embedded_gaps.py), and for the hour a gap is
     remembered every batch read scanned every event ever stored."""
-    found: list[dict[str, Any]] = []
+    found: dict[Any, dict[str, Any]] = {}  # by _id: ranges never overlap, but nothing relies on it
     for clause in _not_passed(progress):
         cursor = db[EVENTS].find(clause, sort=[("seq", 1)], limit=limit, batch_size=limit)
-        found += await cursor.to_list()
-    found.sort(key=lambda document: int(document["seq"]))
-    return found[:limit]
+        found.update({document["_id"]: document async for document in cursor})
+    return sorted(found.values(), key=lambda document: int(document["seq"]))[:limit]
 
 
 async def unapplied_on_devices(
@@ -160,7 +159,8 @@ async def unapplied_on_devices(
     for clause in _not_passed(progress, below=below):
         on_main_line = await db[EVENTS].find(clause, fields, session=session).to_list()
         found += [d for d in on_main_line if "processed" not in d and d.get("distinctId") in wanted]
-    return [d for d in found if isinstance(d.get("seq"), int) and d["seq"] < below]
+    unique = {d["_id"]: d for d in found if isinstance(d.get("seq"), int) and d["seq"] < below}
+    return list(unique.values())
 
 
 async def known_holes(db: Database, first: int, last: int) -> set[int]:

@@ -1,0 +1,152 @@
+"""Ordering keys under racing workers: two messages of one key are never active at once.
+
+The ordering checks read active and pending messages in two indexed finds (the embedded server
+plans one $in per query); read one after the other, a message of the key claimed between the two
+(pending, then active) was in neither, and two workers held both messages of a key (found by an
+attack on the change that split the read; these tests failed then)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared_contracts.queue.documents import ACTIVE
+from shared_contracts.queue.engine import Queue
+from tests.queue.conftest import FAST, Job
+
+
+class _Cursor:
+    def __init__(self, cursor: Any, after: Callable[[], Awaitable[None]]) -> None:
+        self._cursor, self._after = cursor, after
+
+    async def to_list(self, *args: Any, **kwargs: Any) -> list[Any]:
+        found = await self._cursor.to_list(*args, **kwargs)
+        await self._after()
+        return found
+
+    async def __aiter__(self) -> Any:
+        async for document in self._cursor:
+            yield document
+        await self._after()
+
+
+class HookedCollection:
+    """The real collection; after the first ordering-key find is read, runs ``hook`` once
+    (another worker acting between this worker's reads)."""
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+        self.hook: Callable[[], Awaitable[None]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    def find(self, query: Any = None, *args: Any, **kwargs: Any) -> Any:
+        cursor = self._collection.find(query, *args, **kwargs)
+        if self.hook is None or not isinstance(query, dict) or "orderingKey" not in query:
+            return cursor
+        hook, self.hook = self.hook, None
+        return _Cursor(cursor, hook)
+
+    async def find_one(self, query: Any = None, *args: Any, **kwargs: Any) -> Any:
+        found = await self._collection.find_one(query, *args, **kwargs)
+        if self.hook is not None and isinstance(query, dict) and "orderingKey" in query:
+            hook, self.hook = self.hook, None
+            await hook()
+        return found
+
+
+def _clock(at: datetime) -> Callable[[], datetime]:
+    return lambda: at
+
+
+async def test_two_messages_of_one_key_are_never_active_at_once(jobs: Queue) -> None:
+    now = datetime.now(UTC)
+    # Two messages of key "a" both claimable (a publish race / the bulk publish, which does
+    # no look-up): m1 first in publish order, m2 claimable a moment earlier.
+    await Queue(
+        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=1))
+    ).publish_many([Job(n=1, key="a")])
+    await Queue(
+        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=2))
+    ).publish_many([Job(n=2, key="a")])
+
+    hooked = HookedCollection(jobs.collection)
+    worker_a = Queue(hooked, config=FAST, types=jobs.types)  # type: ignore[arg-type]
+    worker_b = Queue(jobs.collection, config=FAST, types=jobs.types)
+    got_b: list[Any] = []
+
+    async def b_claims() -> None:
+        got_b.append(await worker_b.claim(worker="B"))
+
+    hooked.hook = b_claims
+    claim_a = await worker_a.claim(worker="A")  # takes m2, checks for earlier ones of "a"
+    claim_b = got_b[0] if got_b else await worker_b.claim(worker="B")
+
+    active = await jobs.collection.find({"status": ACTIVE, "orderingKey": "a"}).to_list()
+    handed_out = sorted(c.document["n"] for c in (claim_a, claim_b) if c is not None)
+    message = f"handed out {handed_out}; active {sorted(d['n'] for d in active)}"
+    assert len(active) <= 1, message
+    assert len(handed_out) <= 1, message
+    assert handed_out == [1]
+
+
+async def test_a_batch_claim_never_overtakes_an_earlier_message_claimed_meanwhile(
+    jobs: Queue,
+) -> None:
+    now = datetime.now(UTC)
+    await Queue(
+        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=1))
+    ).publish_many([Job(n=1, key="a")])
+    await Queue(
+        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=2))
+    ).publish_many([Job(n=2, key="a"), Job(n=3, key="b")])
+
+    hooked = HookedCollection(jobs.collection)
+    worker_a = Queue(hooked, config=FAST, types=jobs.types)  # type: ignore[arg-type]
+    worker_b = Queue(jobs.collection, config=FAST, types=jobs.types)
+    got_b: list[Any] = []
+
+    async def b_claims() -> None:
+        got_b.append(await worker_b.claim(worker="B"))
+
+    hooked.hook = b_claims
+    # A batch of 2: m2 and m3 (the earliest available); m1 claimed by B during A's check.
+    batch = await worker_a.claim_many(worker="A", limit=2)
+    handed_out = sorted(c.document["n"] for c in [*batch, *got_b] if c is not None)
+    active = await jobs.collection.find({"status": ACTIVE, "orderingKey": "a"}).to_list()
+    assert len(active) <= 1, (
+        f"key 'a': {sorted(d['n'] for d in active)} active at once (handed out {handed_out})"
+    )
+
+
+async def test_concurrent_workers_without_hooks_never_hold_two_messages_of_a_key(
+    jobs: Queue,
+) -> None:
+    """No injected interleaving: a bulk publish (no look-up) of two messages per key, and
+    concurrent workers claiming one at a time, as the consumer does."""
+    now = datetime.now(UTC)
+    keys = [f"k{i}" for i in range(40)]
+    for i, k in enumerate(keys):  # claimable in the order m2, m1 of each key, key by key
+        at = now - timedelta(seconds=10) + timedelta(milliseconds=10 * i)
+        await Queue(
+            jobs.collection,
+            config=FAST,
+            types=jobs.types,
+            clock=_clock(at + timedelta(milliseconds=1)),
+        ).publish_many([Job(n=1, key=k)])
+        await Queue(jobs.collection, config=FAST, types=jobs.types, clock=_clock(at)).publish_many(
+            [Job(n=2, key=k)]
+        )
+    workers = [Queue(jobs.collection, config=FAST, types=jobs.types) for _ in range(8)]
+    claims: list[Any] = []
+
+    async def work(queue: Queue, name: str) -> None:
+        while (claim := await queue.claim(worker=name)) is not None:
+            claims.append(claim)
+
+    await asyncio.gather(*(work(q, f"w{i}") for i, q in enumerate(workers)))
+    both = sorted(k for k in keys if sum(1 for c in claims if c.document["orderingKey"] == k) > 1)
+    assert both == [], f"keys with both messages handed out at once: {both}"
