@@ -53,12 +53,16 @@ class Started:
     log: IO[bytes]
 
     def died(self) -> str | None:
-        """The end of its log, if it exited."""
+        """Its first error and the end of its log, if it exited (the end alone is often only
+        the server's own exit, not why)."""
         if self.process.poll() is None:
             return None
         self.log.seek(0)
-        tail = self.log.read()[-2000:].decode(errors="replace")
-        return f"{' '.join(map(str, self.process.args))} exited ({self.process.returncode}): {tail}"
+        text = self.log.read().decode(errors="replace")
+        first = max(text.find('"level": "error"'), 0)
+        head = text[first : first + 3000]
+        args = " ".join(map(str, self.process.args))
+        return f"{args} exited ({self.process.returncode}): {head}\n...\n{text[-1500:]}"
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -10,6 +11,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import CollectionInvalid
 
 EVENTS: Final = "events"  # raw events as ingested; _id = the event id (I2)
 # Each has one writer: devices/ (user_metrics), identity/ (identity_map, known_users,
@@ -131,11 +133,14 @@ async def ensure_indexes(db: Database) -> None:
         ]
     )
     await db[KNOWN_USERS].create_index("username", name="username")
-    # Collections must exist before a transaction writes to them on older servers.
+    # Collections must exist before a transaction writes to them on older servers. Replicas
+    # starting together race to create them: whoever comes second finds it done
+    # (tests/test_replicas_start_together.py).
     existing = set(await db.list_collection_names())
     for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS, PROGRESS):
         if name not in existing:
-            await db.create_collection(name)
+            with contextlib.suppress(CollectionInvalid):
+                await db.create_collection(name)
     # Created here, once, so requests only ever increment it (never race to create it).
     await db[COUNTERS].update_one(
         {"_id": ARRIVAL_COUNTER}, {"$setOnInsert": {"value": 0}}, upsert=True
