@@ -12,6 +12,9 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.documents import ACTIVE
 from shared_contracts.queue.engine import Queue
 from tests.queue.conftest import FAST, Job
@@ -150,3 +153,43 @@ async def test_concurrent_workers_without_hooks_never_hold_two_messages_of_a_key
     await asyncio.gather(*(work(q, f"w{i}") for i, q in enumerate(workers)))
     both = sorted(k for k in keys if sum(1 for c in claims if c.document["orderingKey"] == k) > 1)
     assert both == [], f"keys with both messages handed out at once: {both}"
+
+
+@pytest.mark.parametrize("promotion", ["promote", "promote_after"])
+async def test_a_promotion_whose_choice_another_worker_unparked_meanwhile_keeps_the_order(
+    jobs: Queue, mongo_client: Any, promotion: str
+) -> None:
+    """A promotion reads the key's parked messages, then unparks the first by _id; another
+    worker's promotion between the two took that one first. The first promotion's unpark then
+    misses and it looks again: nothing is left parked for good, and the key's messages are
+    still handed out one at a time in publish order."""
+    await jobs.publish(Job(n=0, key="a"))
+    first = await jobs.claim(worker="w")
+    assert first is not None
+    await jobs.publish(Job(n=1, key="a"))  # parked behind n=0
+    await jobs.publish(Job(n=2, key="a"))  # parked behind n=0
+    # n=0 finishes in a handler's transaction: nothing promoted yet.
+    await in_transaction(mongo_client, lambda session: jobs.ack(first, session=session))
+
+    hooked = HookedCollection(jobs.collection)
+    racing = Queue(hooked, config=FAST, types=jobs.types)  # type: ignore[arg-type]
+
+    async def another_worker_promotes() -> None:
+        assert await jobs.promote("a")
+
+    hooked.hook = another_worker_promotes
+    if promotion == "promote":
+        await racing.promote("a")
+    else:
+        await racing.promote_after([first])
+    assert hooked.hook is None  # the other worker's promotion did run in between
+
+    handled: list[int] = []
+    while claims := await jobs.claim_many(worker="w", limit=10):
+        active = await jobs.collection.count_documents({"status": ACTIVE, "orderingKey": "a"})
+        assert active == 1, [c.document["n"] for c in claims]
+        for claim in claims:
+            handled.append(claim.document["n"])
+            await jobs.ack(claim)  # outside a transaction: promotes the next at once
+    assert handled == [1, 2]
+    assert await jobs.collection.count_documents({"status": {"$ne": "done"}}) == 0
