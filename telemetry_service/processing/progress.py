@@ -260,11 +260,11 @@ def unapplied_query(progress_document: dict[str, Any] | None) -> dict[str, Any]:
 def _not_passed(progress: Progress, *, below: int | None = None) -> list[dict[str, Any]]:
     """Arrival numbers the main line has not applied: above the mark, or in a remembered gap
     (only those under ``below``, when given)."""
-    ranges: list[dict[str, Any] | None] = [{"$gt": progress.through}]
+    ranges: list[dict[str, Any]] = [{"$gt": progress.through}]
     ranges += [{"$gte": g.first, "$lte": g.last} for g in progress.gaps]
     if below is not None:
-        ranges = [_under(bounds, below) for bounds in ranges if bounds is not None]
-    return [{"seq": bounds} for bounds in ranges if bounds is not None]
+        ranges = [under for bounds in ranges if (under := _under(bounds, below)) is not None]
+    return [{"seq": bounds} for bounds in ranges]
 
 
 def _under(bounds: dict[str, Any], below: int) -> dict[str, Any] | None:

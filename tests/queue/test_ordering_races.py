@@ -61,23 +61,16 @@ class HookedCollection:
         return found
 
 
-def _clock(at: datetime) -> Callable[[], datetime]:
-    return lambda: at
+async def publish_at(jobs: Queue, at: datetime, *messages: Job) -> None:
+    """Publish with the clock at ``at`` (claimable from then), in one bulk write: no look-up."""
+    publisher = Queue(jobs.collection, config=FAST, types=jobs.types, clock=lambda: at)
+    await publisher.publish_many(messages)
 
 
-async def test_two_messages_of_one_key_are_never_active_at_once(jobs: Queue) -> None:
-    now = datetime.now(UTC)
-    # Two messages of key "a" both claimable (a publish race / the bulk publish, which does
-    # no look-up): m1 first in publish order, m2 claimable a moment earlier.
-    await Queue(
-        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=1))
-    ).publish_many([Job(n=1, key="a")])
-    await Queue(
-        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=2))
-    ).publish_many([Job(n=2, key="a")])
-
+def racing_workers(jobs: Queue) -> tuple[Queue, Queue, list[Any]]:
+    """Worker A, on a collection where worker B claims once right after A's first
+    ordering-key read; worker B; and what B got then."""
     hooked = HookedCollection(jobs.collection)
-    worker_a = Queue(hooked, config=FAST, types=jobs.types)  # type: ignore[arg-type]
     worker_b = Queue(jobs.collection, config=FAST, types=jobs.types)
     got_b: list[Any] = []
 
@@ -85,6 +78,16 @@ async def test_two_messages_of_one_key_are_never_active_at_once(jobs: Queue) -> 
         got_b.append(await worker_b.claim(worker="B"))
 
     hooked.hook = b_claims
+    return Queue(hooked, config=FAST, types=jobs.types), worker_b, got_b  # type: ignore[arg-type]
+
+
+async def test_two_messages_of_one_key_are_never_active_at_once(jobs: Queue) -> None:
+    now = datetime.now(UTC)
+    # Two messages of key "a" both claimable (a publish race / the bulk publish, which does
+    # no look-up): m1 first in publish order, m2 claimable a moment earlier.
+    await publish_at(jobs, now - timedelta(seconds=1), Job(n=1, key="a"))
+    await publish_at(jobs, now - timedelta(seconds=2), Job(n=2, key="a"))
+    worker_a, worker_b, got_b = racing_workers(jobs)
     claim_a = await worker_a.claim(worker="A")  # takes m2, checks for earlier ones of "a"
     claim_b = got_b[0] if got_b else await worker_b.claim(worker="B")
 
@@ -100,22 +103,9 @@ async def test_a_batch_claim_never_overtakes_an_earlier_message_claimed_meanwhil
     jobs: Queue,
 ) -> None:
     now = datetime.now(UTC)
-    await Queue(
-        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=1))
-    ).publish_many([Job(n=1, key="a")])
-    await Queue(
-        jobs.collection, config=FAST, types=jobs.types, clock=_clock(now - timedelta(seconds=2))
-    ).publish_many([Job(n=2, key="a"), Job(n=3, key="b")])
-
-    hooked = HookedCollection(jobs.collection)
-    worker_a = Queue(hooked, config=FAST, types=jobs.types)  # type: ignore[arg-type]
-    worker_b = Queue(jobs.collection, config=FAST, types=jobs.types)
-    got_b: list[Any] = []
-
-    async def b_claims() -> None:
-        got_b.append(await worker_b.claim(worker="B"))
-
-    hooked.hook = b_claims
+    await publish_at(jobs, now - timedelta(seconds=1), Job(n=1, key="a"))
+    await publish_at(jobs, now - timedelta(seconds=2), Job(n=2, key="a"), Job(n=3, key="b"))
+    worker_a, _, got_b = racing_workers(jobs)
     # A batch of 2: m2 and m3 (the earliest available); m1 claimed by B during A's check.
     batch = await worker_a.claim_many(worker="A", limit=2)
     handed_out = sorted(c.document["n"] for c in [*batch, *got_b] if c is not None)
@@ -134,15 +124,8 @@ async def test_concurrent_workers_without_hooks_never_hold_two_messages_of_a_key
     keys = [f"k{i}" for i in range(40)]
     for i, k in enumerate(keys):  # claimable in the order m2, m1 of each key, key by key
         at = now - timedelta(seconds=10) + timedelta(milliseconds=10 * i)
-        await Queue(
-            jobs.collection,
-            config=FAST,
-            types=jobs.types,
-            clock=_clock(at + timedelta(milliseconds=1)),
-        ).publish_many([Job(n=1, key=k)])
-        await Queue(jobs.collection, config=FAST, types=jobs.types, clock=_clock(at)).publish_many(
-            [Job(n=2, key=k)]
-        )
+        await publish_at(jobs, at + timedelta(milliseconds=1), Job(n=1, key=k))
+        await publish_at(jobs, at, Job(n=2, key=k))
     workers = [Queue(jobs.collection, config=FAST, types=jobs.types) for _ in range(8)]
     claims: list[Any] = []
 
