@@ -61,7 +61,9 @@ def main() -> None:
                 )
             )
         )  # fmt: skip
-        scenario(asyncio.run(ingest.run(storage, args.watcher_events, **shape, batch_sizes=[500])))
+        # The largest batch the watcher may take: 500, and the default INGEST_MAX_BATCH_SIZE.
+        watcher = ingest.run(storage, args.watcher_events, **shape, batch_sizes=[500, 5000])
+        scenario(asyncio.run(watcher))
         if full:
             scenario(asyncio.run(backfill.run(storage, sizes, [500], args.backfill_cap_seconds)))
             scenario(

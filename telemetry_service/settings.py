@@ -21,8 +21,9 @@ class TelemetrySettings(BusSettings):
         alias="INGEST_MAX_BATCH_SIZE",
         ge=1,
         le=50_000,
-        description="The main line's batches double from INGEST_BATCH_SIZE while each one is "
-        "full (a backlog), up to this: fewer, larger transactions and score refreshes.",
+        description="The most events one main-line batch applies: a batch is the whole backlog "
+        "above the mark up to this, so a backlog becomes few large transactions and one score "
+        "refresh per user per batch.",
     )
     ingest_lease_seconds: float = Field(default=60.0, alias="INGEST_LEASE_SECONDS", gt=0)
     ingest_poll_interval_seconds: float = Field(

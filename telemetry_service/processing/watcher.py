@@ -188,8 +188,6 @@ class IngestWatcher:
         self._stopping = asyncio.Event()
         #: Holes in the arrival sequence (by first number) -> when this worker first saw them.
         self._holes_seen: dict[int, float] = {}
-        #: The main line's next batch size: doubles while batches come back full (adaptive).
-        self._batch_limit = self.settings.ingest_batch_size
         #: When events aside were last looked for (the main line looks every batch).
         self._aside_looked = -float("inf")
         #: Another replica held the main line at this worker's last try.
@@ -264,7 +262,12 @@ class IngestWatcher:
             self._lease_elsewhere = True
             return 0
         try:
-            documents = await main_line.above_mark(db, read, limit=self._batch_limit)
+            # A batch is the whole backlog above the mark, up to INGEST_MAX_BATCH_SIZE: caught
+            # up, the few events that arrived; behind, one large transaction and one score
+            # refresh per user, since a batch's work on devices, users, refreshes and its
+            # commit is paid once whatever its size (bench/ingest.py: up to 500 vs 5,000).
+            limit = self.settings.ingest_max_batch_size
+            documents = await main_line.above_mark(db, read, limit=limit)
             verdicts = await self._hole_verdicts(read, documents)
         except BaseException:
             # Nothing was tried: the lease's attempt is given back, or a few database blips
@@ -272,7 +275,6 @@ class IngestWatcher:
             with contextlib.suppress(PyMongoError):
                 await main_line.release(db, owner=self.worker)
             raise
-        self._batch_limit = self._next_batch_limit(len(documents))
         step = main_line.step(
             read, documents, hole_ready=lambda *h: verdicts.get(h), now=datetime.now(UTC)
         )
@@ -313,12 +315,6 @@ class IngestWatcher:
             await self._move_aside(read, step.to, mine, attempts=0)
             return 0
         return len(step.take)
-
-    def _next_batch_limit(self, read: int) -> int:
-        """A full batch means a backlog: the next one doubles (fewer transactions, and one
-        score refresh per user per batch); a partial one, caught up: back to the base size."""
-        base, most = self.settings.ingest_batch_size, self.settings.ingest_max_batch_size
-        return min(self._batch_limit * 2, max(most, base)) if read >= self._batch_limit else base
 
     async def _hole_verdicts(
         self, read: main_line.Progress, documents: list[dict[str, Any]]

@@ -125,7 +125,7 @@ async def test_a_waiting_key_in_an_earlier_batch_still_owns_the_device(
     async with another_replica(telemetry) as other:
         assert (await other.post(cli_event("shared"), bob_key)).status_code == 202
 
-    await replica(telemetry, ingest_batch_size=1).drain()
+    await replica(telemetry, ingest_batch_size=1, ingest_max_batch_size=1).drain()
     # The app's user_registered and api_key_issued for alice reach telemetry now.
     alice = await learn_key(telemetry, "alice", alice_key)
     await expire_backoffs(telemetry)
@@ -272,7 +272,12 @@ async def test_two_replicas_over_a_mixed_backlog_with_poison_count_each_event_on
                 await telemetry.post({"events": chunk}, key if chunk is authenticated else None)
             ).status_code == 202
 
-    settings_ = {"ingest_batch_size": batch, "ingest_lease_seconds": lease, "queue_max_attempts": 3}
+    settings_ = {
+        "ingest_batch_size": batch,
+        "ingest_max_batch_size": batch,
+        "ingest_lease_seconds": lease,
+        "queue_max_attempts": 3,
+    }
     rivals = [replica(telemetry, **settings_), replica(telemetry, **settings_)]
     for _ in range(5):
         await asyncio.gather(*(r.drain() for r in rivals))
@@ -368,7 +373,7 @@ async def test_retry_and_purge_racing_a_running_watcher_never_count_twice_or_los
     poison.always = {e["insert_id"] for e in events[::3]}  # 10 of 30
     purged_ids = sorted(poison.always)[:4]
     await telemetry.post({"events": events}, key)
-    watcher = replica(telemetry, ingest_batch_size=4, queue_max_attempts=1)
+    watcher = replica(telemetry, ingest_batch_size=4, ingest_max_batch_size=4, queue_max_attempts=1)
 
     async def operator() -> None:
         for round_ in range(12):
