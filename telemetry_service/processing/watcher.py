@@ -314,6 +314,8 @@ class IngestWatcher:
                         read.through, describe(exc))  # fmt: skip
             await self._move_aside(read, step.to, mine, attempts=0)
             return 0
+        # Also after a lost lease: the rival's transaction applied them instead, and a count
+        # above zero sends drain() and the run loop to look again at once.
         return len(step.take)
 
     async def _hole_verdicts(
