@@ -301,6 +301,17 @@ class Baseline:
     calls_of_25: list[float]
     indexed: list[float]
 
+    @classmethod
+    def pooled(cls, baselines: list[Baseline]) -> Baseline:
+        """Every repetition of several baselines of the same documents taken in one run: one
+        baseline's median moves by 1.7x between two of them here, which would move a ratio
+        against it as much."""
+        return cls(
+            [rate for b in baselines for rate in b.one_call],
+            [rate for b in baselines for rate in b.calls_of_25],
+            [rate for b in baselines for rate in b.indexed],
+        )
+
     @property
     def rate(self) -> float:
         return statistics.median(self.one_call)
