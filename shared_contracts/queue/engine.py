@@ -168,6 +168,23 @@ async def to_pending(
     return "missed"
 
 
+def behind_earlier(claims: list[Claim], unfinished: list[Document]) -> list[Claim]:
+    """The claims behind an unfinished message of their key with a lower orderSeq (another
+    worker's, or one in this very batch), by the unfinished messages of their keys."""
+    first: dict[str, int] = {}
+    for document in unfinished:
+        key, seq = document.get("orderingKey"), document.get("orderSeq")
+        if isinstance(key, str) and isinstance(seq, int) and seq < first.get(key, seq + 1):
+            first[key] = seq
+    return [
+        claim
+        for claim in claims
+        if claim.ordering_key is not None
+        and isinstance(seq := claim.document.get("orderSeq"), int)
+        and first.get(claim.ordering_key, seq) < seq
+    ]
+
+
 def _parked(document: Document) -> bool:
     available = document.get("availableAt")
     if isinstance(available, datetime) and available.tzinfo is None:  # a client without tz_aware
@@ -356,12 +373,12 @@ class Queue:
         return None
 
     async def claim_many(self, *, worker: str, limit: int) -> list[Claim]:
-        """Lease up to ``limit`` available messages under one token: four commands however
-        many (their ids, one update_many in a transaction of its own, the claimed documents
-        read back), where ``claim``
-        costs one per message. Messages whose claim was lost to a concurrent worker between
-        the first two are simply not in the answer. Ordering keys hold as in ``claim``, with
-        one read for the whole batch."""
+        """Lease up to ``limit`` available messages under one token: a few commands however
+        many (their ids, then one transaction: the update_many, the claimed documents read
+        back, the ordering check, the commit), where ``claim`` costs one per message. Messages
+        whose claim was lost to a concurrent worker between the first two are simply not in
+        the answer. Ordering keys hold as in ``claim``, with one read per status for the whole
+        batch."""
         if limit <= 1:
             claim = await self.claim(worker=worker)
             return [claim] if claim else []
@@ -375,49 +392,49 @@ class Queue:
         """(whether any message was available, the claims not parked)."""
         now = self.clock()
         available = {"status": PENDING, "availableAt": {"$lte": now}}
-        candidates = self.collection.find(
-            available, {"_id": 1}, sort=[("availableAt", 1)], limit=limit
-        )
-        ids = [document["_id"] async for document in candidates]
-        if not ids:
+        candidates = await self.collection.find(
+            available, {"orderingKey": 1}, sort=[("availableAt", 1)], limit=limit
+        ).to_list()
+        if not candidates:
             return False, []
+        ids = [document["_id"] for document in candidates]
+        keys = sorted({k for d in candidates if isinstance(k := d.get("orderingKey"), str)})
         token = uuid.uuid4().hex
-        # In a transaction: a malformed document fails the claim as a whole (nothing claimed),
-        # and the caller sweeps it aside.
-        await mongo.update_many(
-            self.collection,
-            {**available, "_id": {"$in": ids}},
-            self._claiming(worker=worker, token=token, now=now),
-        )
-        claimed = self.collection.find(
-            {"_id": {"$in": ids}, "claimToken": token, "status": ACTIVE},
-            sort=[("availableAt", 1)],
-            batch_size=len(ids) + 1,
-        )
-        claims = [Claim(id=d["_id"], token=token, document=d) async for d in claimed]
-        blocked = await self._behind_earlier_many(claims)
+        claims: list[Claim] = []
+        blocked: list[Claim] = []
+
+        async def claim_and_check(session: AsyncClientSession) -> None:
+            # One transaction, one commit: the ordering check reads the unfinished messages of
+            # the candidates' keys, then the claim, then the claimed documents are read back
+            # (a coalescing publish may have replaced a payload since the candidates were
+            # found), all in one snapshot. The claim's write comes after the reads, so a publish
+            # racing it (the watcher's transaction) conflicts for the shortest time. A
+            # malformed document fails the claim as a whole: nothing is claimed, and the caller
+            # sweeps it aside.
+            unfinished = await self._unfinished(keys, session=session) if keys else []
+            await self.collection.update_many(
+                {**available, "_id": {"$in": ids}},
+                self._claiming(worker=worker, token=token, now=now),
+                session=session,
+            )
+            claimed = self.collection.find(
+                {"_id": {"$in": ids}, "claimToken": token, "status": ACTIVE},
+                sort=[("availableAt", 1)],
+                batch_size=len(ids) + 1,
+                session=session,
+            )
+            claims[:] = [Claim(id=d["_id"], token=token, document=d) async for d in claimed]
+            blocked[:] = behind_earlier(claims, unfinished)
+
+        await mongo.in_transaction(self.collection.database.client, claim_and_check)
         for claim in blocked:
-            await self._park(claim)
+            await self._park(claim)  # after the commit: parking promotes what may go now
         parked = {claim.id for claim in blocked}
         return True, [claim for claim in claims if claim.id not in parked]
 
     async def _behind_earlier_many(self, claims: list[Claim]) -> list[Claim]:
-        """The claims behind an unfinished message of their key with a lower orderSeq (another
-        worker's, or one in this very batch)."""
-        keyed = [claim for claim in claims if claim.ordering_key is not None]
-        if not keyed:
-            return []
-        first: dict[str, Any] = {}
-        for document in await self._unfinished(c.ordering_key for c in keyed if c.ordering_key):
-            key, seq = document.get("orderingKey"), document.get("orderSeq")
-            if isinstance(key, str) and isinstance(seq, int) and seq < first.get(key, seq + 1):
-                first[key] = seq
-        return [
-            claim
-            for claim in keyed
-            if isinstance(seq := claim.document.get("orderSeq"), int)
-            and first.get(claim.ordering_key or "", seq) < seq
-        ]
+        keys = {c.ordering_key for c in claims if c.ordering_key is not None}
+        return behind_earlier(claims, await self._unfinished(keys)) if keys else []
 
     async def _behind_earlier(self, claim: Claim) -> bool:
         return bool(await self._behind_earlier_many([claim]))

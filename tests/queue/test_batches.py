@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,25 +28,46 @@ from tests.queue.conftest import FAST, Job
 from tests.support import SeenCommands, SeenFilters, assert_planned_on_an_index, eventually
 
 
+@contextlib.asynccontextmanager
+async def counting(jobs: Queue, mongo_uri: str) -> AsyncIterator[tuple[Queue, SeenCommands]]:
+    """The same queue through a client of its own whose commands are recorded."""
+    commands = SeenCommands()
+    client: Any = make_client(mongo_uri, app_name="batches", event_listeners=[commands])
+    try:
+        database = client[jobs.collection.database.name]
+        yield Queue(database[jobs.name], config=FAST, types=jobs.types), commands
+    finally:
+        await client.close()
+
+
 async def test_a_batch_is_claimed_in_four_commands_in_arrival_order(
     jobs: Queue, mongo_uri: str
 ) -> None:
     await jobs.publish_many(Job(n=n) for n in range(30))
-    commands = SeenCommands()
-    client: Any = make_client(mongo_uri, app_name="batches", event_listeners=[commands])
-    try:
-        queue = Queue(client[jobs.collection.database.name][jobs.name], config=FAST,
-                      types=jobs.types)  # fmt: skip
+    async with counting(jobs, mongo_uri) as (queue, commands):
         claims = await queue.claim_many(worker="w", limit=20)
-        # ids, the claim in a transaction of its own (shared_contracts/mongo.py), read back
-        assert commands.names() == ["find", "update", "commitTransaction", "find"]
+        # ids, then one transaction: the claim, the claimed documents read back
+        assert commands.names() == ["find", "update", "find", "commitTransaction"]
         assert [c.document["n"] for c in claims] == list(range(20))
         assert len({c.token for c in claims}) == 1
         rest = await queue.claim_many(worker="w", limit=20)
         assert [c.document["n"] for c in rest] == list(range(20, 30))
         assert await queue.claim_many(worker="w", limit=20) == []
-    finally:
-        await client.close()
+
+
+async def test_the_ordering_check_of_a_batch_shares_the_claim_s_commit(
+    jobs: Queue, mongo_uri: str
+) -> None:
+    """Messages with ordering keys: the check reads the unfinished ones of their keys (one read
+    per status) inside the claim's transaction, before its write, not in a snapshot of its
+    own."""
+    await jobs.publish_many(Job(n=n, key=f"k{n % 3}") for n in range(6))
+    async with counting(jobs, mongo_uri) as (queue, commands):
+        claims = await queue.claim_many(worker="w", limit=10)
+        assert sorted(c.document["n"] for c in claims) == [0, 1, 2]  # the first of each key
+        claim_commands = commands.names()[: commands.names().index("commitTransaction") + 1]
+        # ids; then the check (active, pending), the claim, the read-back and the one commit
+        assert claim_commands == ["find", "find", "find", "update", "find", "commitTransaction"]
 
 
 async def test_a_batch_keeps_ordering_keys(jobs: Queue) -> None:
