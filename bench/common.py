@@ -48,22 +48,37 @@ class CommandCounter(monitoring.CommandListener):
 
     IGNORED = frozenset({"hello", "ismaster", "isMaster", "ping", "endSessions", "buildInfo"})
 
+    #: The server's WriteConflict: the statement's transaction is aborted and run again whole.
+    WRITE_CONFLICT = 112
+
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         self.micros: collections.Counter[str] = collections.Counter()
         self.by_target: collections.Counter[str] = collections.Counter()
+        #: Write conflicts by the statement that met them ("update swamp_club_events").
+        self.conflicts: collections.Counter[str] = collections.Counter()
+        self._targets: dict[int, str] = {}
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name not in self.IGNORED:
             self.counts[event.command_name] += 1
-            self.by_target[f"{event.command_name} {target_of(event)}"] += 1
+            target = f"{event.command_name} {target_of(event)}"
+            self.by_target[target] += 1
+            updates = event.command.get("updates") if event.command_name == "update" else None
+            if updates and updates[0].get("upsert"):
+                target += " (an upsert: a coalescing publish)"
+            self._targets[event.request_id] = target
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self._targets.pop(event.request_id, None)
         if event.command_name not in self.IGNORED:
             self.micros[event.command_name] += event.duration_micros
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+        target = self._targets.pop(event.request_id, event.command_name)
+        failure = event.failure if isinstance(event.failure, dict) else {}
+        if failure.get("code") == self.WRITE_CONFLICT:
+            self.conflicts[target] += 1
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -79,6 +94,10 @@ class CommandCounter(monitoring.CommandListener):
         self.counts.clear()
         self.micros.clear()
         self.by_target.clear()
+        self.conflicts.clear()
+
+    def conflicts_text(self) -> str:
+        return ", ".join(f"{n} on {t}" for t, n in self.conflicts.most_common()) or "none"
 
     def snapshot(self) -> tuple[int, int]:
         return self.work(), self.get_more()

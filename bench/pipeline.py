@@ -84,6 +84,7 @@ class Run:
     cpu: str = ""
     server_time: str = ""
     bytes_per_event: float | None = None  # a stored event's BSON size, on average
+    conflicts: str = ""  # write conflicts met by the services' statements
 
     @property
     def rate(self) -> float:
@@ -224,6 +225,7 @@ async def traffic(
                 cpu_shares, server_time = cpu.shares(), profile.shares()
                 work, get_more = counter.snapshot()
                 by_command = dict(counter.by_target.most_common())
+                conflicts = counter.conflicts_text()
             # The services are stopped, their change streams closed: measure from the database.
             run = await measure(p, population, measured, started)
             run.batches = await watcher_batches(p) - batches_before
@@ -241,7 +243,7 @@ async def traffic(
         ingest_seconds, work, get_more, by_command
     )  # fmt: skip
     run.mix = population.mix(requests)
-    run.cpu, run.server_time = cpu_shares, server_time
+    run.cpu, run.server_time, run.conflicts = cpu_shares, server_time, conflicts
     if rate:
         run.offered_rate = events / ingest_seconds
     return run
@@ -334,6 +336,8 @@ def add_run(results: Results, label: str, run: Run, baseline: Baseline | None) -
     results.add(
         f"{label}: watcher batches / score applications", f"{run.batches} / {run.applications}"
     )
+    results.add(f"{label}: write conflicts (each aborts its transaction, which runs again)",
+                run.conflicts)  # fmt: skip
     if run.bytes_per_event is not None:
         results.add(f"{label}: stored event size (BSON, average)", run.bytes_per_event, "bytes")
     results.add(f"{label}: CPU while it ran", run.cpu)
