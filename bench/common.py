@@ -64,9 +64,8 @@ class CommandCounter(monitoring.CommandListener):
             self.counts[event.command_name] += 1
             target = f"{event.command_name} {target_of(event)}"
             self.by_target[target] += 1
-            updates = event.command.get("updates") if event.command_name == "update" else None
-            if updates and updates[0].get("upsert"):
-                target += " (an upsert: a coalescing publish)"
+            if event.command_name == "update":
+                target += update_kind(event.command.get("updates") or [{}])
             self._targets[event.request_id] = target
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
@@ -106,6 +105,18 @@ class CommandCounter(monitoring.CommandListener):
         """Share of the round-trip time spent in each command: where the work goes."""
         total = sum(self.micros.values()) or 1
         return {name: round(us / total, 3) for name, us in self.micros.most_common()}
+
+
+def update_kind(updates: list[dict[str, Any]]) -> str:
+    """Which of the queue's writes an update is, by its shape (for the write conflicts)."""
+    first = updates[0]
+    if first.get("upsert"):
+        return " (an upsert: a coalescing publish)"
+    if "orderingKey" in first.get("q", {}):
+        return " (a hold of pending messages)"
+    if "availableAt" in first.get("q", {}):
+        return " (a claim)"
+    return ""
 
 
 def target_of(event: monitoring.CommandStartedEvent) -> str:

@@ -155,12 +155,17 @@ class ScoreRefresh(Message):
 
     def dedupe_key(self) -> str:
         # One pending refresh per user: a newer projection replaces the waiting snapshot.
-        return f"score_refresh:{self.userId}"
+        return score_refresh_key(self.userId)
 
     def ordering_key(self) -> str:
         # One active refresh per user: while it is applied, the next one waits (and keeps
         # absorbing newer snapshots) instead of being applied in parallel.
-        return f"score_refresh:{self.userId}"
+        return score_refresh_key(self.userId)
+
+
+def score_refresh_key(user_id: str) -> str:
+    """The dedupe and ordering key of a user's score refreshes."""
+    return f"score_refresh:{user_id}"
 
 
 TelemetryCommand = Annotated[

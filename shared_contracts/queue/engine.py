@@ -299,6 +299,27 @@ class Queue:
                 raise  # inside a transaction the caller's retry loop owns the retry
             await self.collection.update_one(query, update, upsert=True)
 
+    async def hold_pending(
+        self, ordering_keys: Iterable[str], *, session: AsyncClientSession
+    ) -> None:
+        """Write the pending messages of these ordering keys now, early in the caller's
+        transaction, when its end will publish into them (score_refresh: the dedupe key is
+        the ordering key, so the pending message is the one a publish coalesces into). A claim
+        of one of them that commits in between would make that publish meet a write conflict
+        and rerun the whole transaction (nearly every watcher batch under load: bench/); held,
+        the claim meets the conflict instead and retries, with the driver's backoff, a claim,
+        not a batch; a plain write to a held message waits for the commit. Only ``updatedAt``
+        changes: nothing a wake-up stream or a consumer reads. By ordering key, not dedupe key:
+        the embedded server plans that on the ordering index, and scanned the collection for
+        {status, dedupeKey: {$in}}."""
+        keys = sorted(set(ordering_keys))
+        if keys:
+            await self.collection.update_many(
+                {"status": PENDING, "orderingKey": {"$in": keys}},
+                {"$set": {"updatedAt": self.clock()}},
+                session=session,
+            )
+
     def _check_queue(self, message: Message) -> None:
         if self.name != message.QUEUE and message.type not in self.types:
             raise ValueError(f"{message.type} belongs on {message.QUEUE}, not {self.name}")

@@ -37,7 +37,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, PyMongoError, WTimeoutError
 
 from shared_contracts import failpoints, mongo
-from shared_contracts.messages import RefreshReason
+from shared_contracts.messages import RefreshReason, score_refresh_key
 from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
@@ -616,6 +616,10 @@ class IngestWatcher:
             grace=timedelta(seconds=self.settings.key_resolve_grace_seconds),
         )
         owners = await load_owners(db, {e.device for e in batch}, session=session)
+        # Every user this batch may re-project: their pending refreshes are taken now, not when
+        # the batch publishes at its end (Queue.hold_pending).
+        users = {key.owner for key in keys.values() if key.owner} | set(owners.values())
+        await self.refreshes.hold_pending(map(score_refresh_key, users), session=session)
         held = behind_a_waiting_key(split, owners)
         held |= await self._behind_earlier_keyed_events(split.ready, owners, batch, session)
         ready = [e for e in split.ready if e.id not in held]

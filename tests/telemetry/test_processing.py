@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -204,3 +205,40 @@ async def test_events_that_keep_failing_are_set_aside_not_lost(telemetry: Teleme
     assert (kept["processed"], kept["dead"]) == (False, True)  # kept for an operator, not counted
     assert (await telemetry.stats("pete"))["totalInvocations"] == 1
     assert await telemetry.watcher.process_one_batch() == 0  # never claimed again
+
+
+async def test_the_app_claiming_a_pending_refresh_mid_batch_does_not_rerun_the_batch(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch ends by coalescing the user's new refresh into the pending one. The app claims
+    that pending refresh while the batch's transaction is open: before the batch held it
+    (Queue.hold_pending), the claim committed, the publish met a write conflict and the whole
+    batch ran again. Now the claim waits for the batch and gets the newest projection."""
+    user_id, key = await telemetry.register("holder")
+    await telemetry.post({"events": [cli_event("hold-dev")]}, key)
+    await telemetry.watcher.drain()  # a pending refresh for the user
+    await telemetry.post({"events": [cli_event("hold-dev") for _ in range(3)]}, key)
+    real, applies = watcher_module.apply_events, 0
+    claim: asyncio.Task[Any] | None = None
+
+    async def apply_events(db: Any, events: Any, **kwargs: Any) -> Any:
+        nonlocal applies, claim
+        applies += 1
+        if claim is None:  # the app claims while this batch's transaction is open
+            claim = asyncio.create_task(
+                telemetry.runtime.refreshes.claim_many(worker="app", limit=10)
+            )
+            await asyncio.sleep(0.3)
+        return await real(db, events, **kwargs)
+
+    monkeypatch.setattr(watcher_module, "apply_events", apply_events)
+    assert await telemetry.watcher.process_one_batch() == 3
+    assert applies == 1, "the batch ran again after a write conflict"
+    assert claim is not None
+    (claimed,) = await claim
+    assert claimed.document["userId"] == user_id
+    projection = await telemetry.runtime.db[USERNAME_METRICS].find_one({"_id": user_id})
+    assert projection is not None
+    # The batch's projection, not the one before it.
+    assert claimed.document["projectionVersion"] == projection["projectionVersion"]
+    assert claimed.document["snapshot"]["totalInvocations"] == 4
