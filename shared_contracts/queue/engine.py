@@ -395,8 +395,8 @@ class Queue:
 
     async def claim_many(self, *, worker: str, limit: int) -> list[Claim]:
         """Lease up to ``limit`` available messages under one token: a few commands however
-        many (their ids, then one transaction: the update_many, the claimed documents read
-        back, the ordering check, the commit), where ``claim`` costs one per message. Messages
+        many (their ids, then one transaction: the ordering check, the update_many, the claimed
+        documents read back, the commit), where ``claim`` costs one per message. Messages
         whose claim was lost to a concurrent worker between the first two are simply not in
         the answer. Ordering keys hold as in ``claim``, with one read per status for the whole
         batch."""
@@ -428,10 +428,10 @@ class Queue:
             # One transaction, one commit: the ordering check reads the unfinished messages of
             # the candidates' keys, then the claim, then the claimed documents are read back
             # (a coalescing publish may have replaced a payload since the candidates were
-            # found), all in one snapshot. The claim's write comes after the reads, so a publish
-            # racing it (the watcher's transaction) conflicts for the shortest time. A
-            # malformed document fails the claim as a whole: nothing is claimed, and the caller
-            # sweeps it aside.
+            # found), all in one snapshot. A message a watcher batch holds (hold_pending) makes
+            # the claim's write conflict: the whole function runs again, with the driver's
+            # backoff, until the batch has committed. A malformed document fails the claim as a
+            # whole: nothing is claimed, and the caller sweeps it aside.
             unfinished = await self._unfinished(keys, session=session) if keys else []
             await self.collection.update_many(
                 {**available, "_id": {"$in": ids}},
