@@ -13,6 +13,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid
 
+from shared_contracts.mongo import MAX_IN_IDS
+
 EVENTS: Final = "events"  # raw events as ingested; _id = the event id (I2)
 # Each has one writer: devices/ (user_metrics), identity/ (identity_map, known_users,
 # known_keys), projection/writer.py (username_metrics). A test checks it on the AST.
@@ -32,11 +34,6 @@ ARRIVAL_HOLES: Final = "arrival_holes"  # arrival numbers that will never hold a
 UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 Database = AsyncDatabase[dict[str, Any]]
-
-#: Ids per $in query. Bounded so that no single statement grows with a batch: the embedded
-#: server's $in cost is superlinear in the list (0.09 ms/id at 50 ids, 0.4 at 500) and a
-#: 15,000-id $in outlived its transaction; on mongod it keeps each command's size bounded.
-MAX_IN_IDS: Final = 500
 
 
 async def find_by_ids(

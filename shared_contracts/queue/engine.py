@@ -312,11 +312,11 @@ class Queue:
         changes: nothing a wake-up stream or a consumer reads. By ordering key, not dedupe key:
         the embedded server plans that on the ordering index, and scanned the collection for
         {status, dedupeKey: {$in}}."""
-        keys = sorted(set(ordering_keys))
-        if keys:
+        keys, now = sorted(set(ordering_keys)), self.clock()
+        for start in range(0, len(keys), mongo.MAX_IN_IDS):  # a batch may touch thousands
             await self.collection.update_many(
-                {"status": PENDING, "orderingKey": {"$in": keys}},
-                {"$set": {"updatedAt": self.clock()}},
+                {"status": PENDING, "orderingKey": {"$in": keys[start : start + mongo.MAX_IN_IDS]}},
+                {"$set": {"updatedAt": now}},
                 session=session,
             )
 

@@ -20,7 +20,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from shared_contracts import mongo
 from shared_contracts.messages import ScoreRefresh
-from shared_contracts.mongo import in_transaction, make_client
+from shared_contracts.mongo import MAX_IN_IDS, in_transaction, make_client
 from shared_contracts.queue.consumer import Consumer, Delivery, ack_all
 from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost, Queue
@@ -406,3 +406,31 @@ async def test_a_message_whose_attempts_cannot_grow_is_swept_aside_not_blocking_
     claimed = [len(await consumer._try_claim()) for _ in range(3)]
     assert sum(claimed) == 3, claimed
     assert (await jobs.collection.find_one({"n": 2}) or {})["status"] == "dead"
+
+
+async def test_a_hold_of_many_keys_sends_bounded_in_lists_and_holds_every_one(
+    jobs: Queue, mongo_uri: str
+) -> None:
+    """A watcher batch behind a backlog may touch thousands of users: the hold's $in is cut
+    at MAX_IN_IDS like every other $in of the services (the embedded server's $in cost grows
+    faster than its list), in the caller's transaction, and still takes every pending one."""
+    count = MAX_IN_IDS + 3
+    await jobs.publish_many(Job(n=n, key=f"h{n}") for n in range(count))
+    before = {d["_id"]: d["updatedAt"] async for d in jobs.collection.find({})}
+    seen = SeenFilters()
+    client: Any = make_client(mongo_uri, app_name="holds", event_listeners=[seen])
+    try:
+        queue = Queue(client[jobs.collection.database.name][jobs.name], config=FAST,
+                      types=jobs.types)  # fmt: skip
+
+        async def hold(session: AsyncClientSession) -> None:
+            await queue.hold_pending((f"h{n}" for n in range(count)), session=session)
+
+        await in_transaction(client, hold)
+    finally:
+        await client.close()
+    sizes = [len(f["orderingKey"]["$in"]) for _, f in seen.filters if "orderingKey" in f]
+    assert max(sizes) <= MAX_IN_IDS
+    assert sum(sizes) == count
+    after = {d["_id"]: d["updatedAt"] async for d in jobs.collection.find({})}
+    assert all(after[i] > before[i] for i in before)

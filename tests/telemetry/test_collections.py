@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from shared_contracts.mongo import make_client
-from telemetry_service.collections import MAX_IN_IDS, find_by_ids
+from shared_contracts.mongo import MAX_IN_IDS, make_client
+from telemetry_service.collections import find_by_ids
 from tests.support import DbNames, SeenCommands
 
 
