@@ -453,12 +453,10 @@ class Queue:
         parked = {claim.id for claim in blocked}
         return True, [claim for claim in claims if claim.id not in parked]
 
-    async def _behind_earlier_many(self, claims: list[Claim]) -> list[Claim]:
-        keys = {c.ordering_key for c in claims if c.ordering_key is not None}
-        return behind_earlier(claims, await self._unfinished(keys)) if keys else []
-
     async def _behind_earlier(self, claim: Claim) -> bool:
-        return bool(await self._behind_earlier_many([claim]))
+        if claim.ordering_key is None:
+            return False
+        return bool(behind_earlier([claim], await self._unfinished([claim.ordering_key])))
 
     async def _park(self, claim: Claim) -> None:
         """Claimed out of order (a publish race): wait behind the earlier message again."""

@@ -265,14 +265,16 @@ async def test_concurrent_batch_consumers_end_each_user_at_the_newest_published_
         consumer.batch_handler = on_batch
         return consumer
 
-    # A loaded database: the ordering check's read takes a few ms (widens claim -> park).
-    slow_check = Queue._behind_earlier_many
+    # A loaded database: the ordering check's read takes a few ms (widens claim -> park). It
+    # is Queue._unfinished, in the claim's transaction since 0079a0b: the method patched here
+    # before no longer ran on the batch path, and was removed.
+    slow_check = Queue._unfinished
 
-    async def check(self: Queue, claims: list[Any]) -> list[Any]:
+    async def check(self: Queue, keys: Any, **kwargs: Any) -> list[Any]:
         await asyncio.sleep(0.005)
-        return await slow_check(self, claims)
+        return await slow_check(self, keys, **kwargs)
 
-    monkeypatch.setattr(Queue, "_behind_earlier_many", check)
+    monkeypatch.setattr(Queue, "_unfinished", check)
     workers = [
         flaky(score_refresh_consumer(AppRuntime(settings_, app.runtime.client), worker=f"w{i}"))
         for i in range(3)
