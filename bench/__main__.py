@@ -2,8 +2,9 @@
 
 By default (about 15 minutes on the embedded server, 2 cores):
 - on disk (what `make run` uses): capacity unpaced, then latency at 50% and 80% of it, the
-  10,000-event burst for one user, the watcher alone, backfill at 1k and 10k users, 1, 2 and 4
-  telemetry processes on one server;
+  10,000-event burst for one user, the watcher alone, backfill at 1k and 10k users, the app's
+  claims beside a refresh held by one busy user's back-to-back batches, 1, 2 and 4 telemetry
+  processes on one server;
 - in memory: capacity unpaced and the watcher alone.
 `--backfill-50k` adds the 50k-user backfill; `--queue` the queue micro-benchmark; `--quick`
 shrinks every size for a smoke run. With MONGODB_URI set, both "storages" are that deployment.
@@ -16,7 +17,7 @@ import asyncio
 import os
 import sys
 
-from bench import backfill, ingest, pipeline, queue, replicas
+from bench import backfill, held, ingest, pipeline, queue, replicas
 from bench.common import Results, database_uri, environment, server_version, write_results
 
 
@@ -32,12 +33,13 @@ def main() -> None:
     parser.add_argument("--replica-events", type=int, default=6000)
     parser.add_argument("--backfill-50k", action="store_true")
     parser.add_argument("--backfill-cap-seconds", type=float, default=40)
+    parser.add_argument("--held-rounds", type=int, default=20)
     parser.add_argument("--queue", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.events, args.burst, args.watcher_events, args.latency_seconds = 600, 600, 500, 3
-        args.replica_events = 400
+        args.replica_events, args.held_rounds = 400, 3
         args.users, args.devices_per_user, args.backfill_usernames = 4, 3, [500, 2000]
         args.backfill_cap_seconds = 10
     sizes = args.backfill_usernames + ([50_000] if args.backfill_50k else [])
@@ -66,6 +68,7 @@ def main() -> None:
         scenario(asyncio.run(watcher))
         if full:
             scenario(asyncio.run(backfill.run(storage, sizes, [500], args.backfill_cap_seconds)))
+            scenario(asyncio.run(held.run(rounds=args.held_rounds, others=99, batch_seconds=0.2)))
             scenario(
                 asyncio.run(
                     replicas.run(storage, [1, 2, 4], users=args.users,

@@ -44,6 +44,9 @@ class Message(BaseModel):
     QUEUE: ClassVar[str]
     #: Schema versions a consumer of this build can read.
     SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
+    #: A transaction of the publisher may hold a pending one of these while it runs
+    #: (Queue.hold_pending): claims of this type never wait for one (Queue.claim_many).
+    HELD_BY_PUBLISHER: ClassVar[bool] = False
 
     type: str
     schemaVersion: int = 1
@@ -142,6 +145,8 @@ class ScoreRefresh(Message):
 
     QUEUE: ClassVar[str] = SWAMP_CLUB_EVENTS
     SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({2})
+    #: A watcher batch holds the pending refresh of each user it may re-project.
+    HELD_BY_PUBLISHER: ClassVar[bool] = True
     type: Literal["score_refresh"] = "score_refresh"
     schemaVersion: Literal[2] = 2
     userId: UserId

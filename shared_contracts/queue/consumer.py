@@ -62,7 +62,8 @@ async def ack_all(deliveries: list[Delivery], *, session: AsyncClientSession) ->
         delivery.acked = True
 
 
-#: Wake on what can make a message claimable: an insert, a return to pending, a new availableAt.
+#: Wake on what can make a message claimable: an insert, a return to pending, a new availableAt,
+#: a publish into a pending one (the commit of a batch that held it: Queue.held_elsewhere).
 WAKE_PIPELINE: list[dict[str, Any]] = [
     {
         "$match": {
@@ -70,10 +71,16 @@ WAKE_PIPELINE: list[dict[str, Any]] = [
                 {"operationType": "insert"},
                 {"updateDescription.updatedFields.status": PENDING},
                 {"updateDescription.updatedFields.availableAt": {"$exists": True}},
+                {"updateDescription.updatedFields.payloadSeq": {"$exists": True}},
             ]
         }
     }
 ]
+
+#: How soon a consumer looks again while a message it found is held by another transaction (a
+#: watcher batch holds a user's refresh until it commits, usually well under a second; a batch
+#: that changed nothing of that user publishes nothing that would wake the consumer).
+HELD_RECHECK_SECONDS = 0.2
 
 
 def worker_id() -> str:
@@ -152,7 +159,10 @@ class Consumer:
             claims = await self._try_claim()
             if not claims:
                 slots.release()
-                await self.wakeup.wait()
+                held = self.queue.held_elsewhere
+                await self.wakeup.wait(
+                    min(HELD_RECHECK_SECONDS, self.config.poll_interval_seconds) if held else None
+                )
                 continue
             task = asyncio.create_task(self._handle_claims(claims))
             self._in_flight.add(task)

@@ -12,14 +12,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from shared_contracts import mongo
 from shared_contracts.messages import Message, types_for_queue
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Document = dict[str, Any]
 Clock = Callable[[], datetime]
 DUPLICATE_KEY = 11000
+#: The server's answer to a write on a document another open transaction has written.
+WRITE_CONFLICT = 112
 #: A message of an ordering key in one of these holds back the later ones of its key.
 UNFINISHED = (ACTIVE, PENDING)
 
@@ -52,6 +54,12 @@ def utcnow() -> datetime:
 
 class LeaseLost(Exception):
     """The claim is no longer ours (expired and taken by another worker): do not commit."""
+
+
+class HeldElsewhere(Exception):
+    """A claim's write met a write conflict again on its last attempt: a message of it is
+    written by a transaction still open (a watcher batch's hold_pending), which only its
+    commit ends; retrying would wait that long, and so would every other message of the claim."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,29 @@ class Claim:
     def owned(self) -> dict[str, Any]:
         """The filter that matches this claim only while it is still ours."""
         return {"_id": self.id, "claimToken": self.token, "status": ACTIVE}
+
+
+#: Attempts of a whole claim whose write meets a conflict, before it is cut up: a claim that
+#: committed first is gone on the second; a message held by an open transaction is still there.
+CLAIM_ATTEMPTS = 2
+#: Transactions one claim_many may spend cutting claims up around held messages: finding one
+#: held message among 100 takes 15. Past it, what is not sorted out waits as held, as a group.
+CLAIM_TRANSACTIONS = 24
+
+
+@dataclass(slots=True, kw_only=True)
+class _Claiming:
+    """One claim_many call, claimed in one or more transactions under one token."""
+
+    worker: str
+    token: str
+    now: datetime
+    available: Document
+    claims: list[Claim] = field(default_factory=list)
+    #: The claims behind an earlier message of their key: parked after the commits.
+    blocked: list[Claim] = field(default_factory=list)
+    #: Transactions this call may still start (CLAIM_TRANSACTIONS).
+    budget: int = CLAIM_TRANSACTIONS
 
 
 def backoff_seconds(
@@ -220,6 +251,9 @@ class Queue:
         self.config = config
         self.types = dict(types) if types is not None else types_for_queue(collection.name)
         self.clock = clock
+        #: The messages the last claim found held by another transaction, by ordering key.
+        self._held: dict[Any, Any] = {}
+        self._may_be_held = any(model.HELD_BY_PUBLISHER for model in self.types.values())
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -399,59 +433,122 @@ class Queue:
         documents read back, the commit), where ``claim`` costs one per message. Messages
         whose claim was lost to a concurrent worker between the first two are simply not in
         the answer. Ordering keys hold as in ``claim``, with one read per status for the whole
-        batch."""
-        if limit <= 1:
+        batch. Messages held by another transaction are left for a later claim, not waited
+        for (``held_elsewhere``). A batch of one is ``claim`` (one command, where latency
+        matters: a revoke races the events of its key), except on a queue whose messages may be
+        held: ``claim``'s single write would wait for the holder's commit."""
+        if limit <= 1 and not self._may_be_held:
             claim = await self.claim(worker=worker)
             return [claim] if claim else []
         for _ in range(3):  # a batch that was all parked behind earlier messages: at once again
             found, claims = await self._claim_batch(worker=worker, limit=limit)
-            if claims or not found:
+            if claims or not found or self._held:
                 return claims
         return []
 
     async def _claim_batch(self, *, worker: str, limit: int) -> tuple[bool, list[Claim]]:
-        """(whether any message was available, the claims not parked)."""
+        """(whether any message was available, the claims not parked).
+
+        The messages found held by another transaction last time go first: the batch that held
+        them has committed by now, or its user's next batch holds them again soon (the consumer
+        was woken by the commit's publish into them, and this is the claim's first write).
+        Then the next available ones without those still held, until ``limit`` are claimed or
+        none is left that is not held."""
         now = self.clock()
         available = {"status": PENDING, "availableAt": {"$lte": now}}
-        candidates = await self.collection.find(
-            available, {"orderingKey": 1}, sort=[("availableAt", 1)], limit=limit
-        ).to_list()
-        if not candidates:
-            return False, []
+        claiming = _Claiming(worker=worker, token=uuid.uuid4().hex, now=now, available=available)
+        held = [{"_id": i, "orderingKey": key} for i, key in self._held.items()]
+        self._held.clear()  # what is still held is found held again
+        if held:
+            await self._claim_unless_held(claiming, held[:limit], attempts=1)
+            self._held.update((d["_id"], d["orderingKey"]) for d in held[limit:])
+        found = bool(held)
+        while (room := limit - len(claiming.claims)) > 0:  # (a find's limit 0 is no limit)
+            query = {**available, "_id": {"$nin": list(self._held)}} if self._held else available
+            candidates = await self.collection.find(
+                query, {"orderingKey": 1}, sort=[("availableAt", 1)], limit=room
+            ).to_list()
+            if not candidates:
+                break
+            found, held_before = True, len(self._held)
+            await self._claim_unless_held(claiming, candidates, attempts=CLAIM_ATTEMPTS)
+            if len(self._held) == held_before:
+                break  # the rest went to other workers: the caller claims again
+        for claim in claiming.blocked:
+            await self._park(claim)  # after the commit: parking promotes what may go now
+        parked = {claim.id for claim in claiming.blocked}
+        return found, [claim for claim in claiming.claims if claim.id not in parked]
+
+    @property
+    def held_elsewhere(self) -> int:
+        """How many messages the last claim left because another transaction holds them."""
+        return len(self._held)
+
+    async def _claim_unless_held(
+        self, claiming: _Claiming, candidates: list[Document], *, attempts: int
+    ) -> None:
+        """Claim these, all but those a transaction holds: a claim that meets one is cut in two
+        until the held ones are alone, and those are left for later (``_held``). Within the
+        call's budget of transactions; past it, a part still unsorted is left as held, whole."""
+        if claiming.budget <= 0:
+            self._held.update((d["_id"], d.get("orderingKey")) for d in candidates)
+            return
+        claiming.budget -= 1
+        try:
+            await self._claim_in_one_transaction(claiming, candidates, attempts=attempts)
+        except HeldElsewhere:
+            if len(candidates) == 1:
+                self._held[candidates[0]["_id"]] = candidates[0].get("orderingKey")
+                return
+            # A conflict of a part is the held message, not a race: one attempt each.
+            half = len(candidates) // 2
+            await self._claim_unless_held(claiming, candidates[:half], attempts=1)
+            await self._claim_unless_held(claiming, candidates[half:], attempts=1)
+
+    async def _claim_in_one_transaction(
+        self, claiming: _Claiming, candidates: list[Document], *, attempts: int
+    ) -> None:
         ids = [document["_id"] for document in candidates]
         keys = sorted({k for d in candidates if isinstance(k := d.get("orderingKey"), str)})
-        token = uuid.uuid4().hex
-        claims: list[Claim] = []
-        blocked: list[Claim] = []
+        tries = 0
 
-        async def claim_and_check(session: AsyncClientSession) -> None:
-            # One transaction, one commit: the ordering check reads the unfinished messages of
-            # the candidates' keys, then the claim, then the claimed documents are read back
-            # (a coalescing publish may have replaced a payload since the candidates were
-            # found), all in one snapshot. A message a watcher batch holds (hold_pending) makes
-            # the claim's write conflict: the whole function runs again, with the driver's
-            # backoff, until the batch has committed. A malformed document fails the claim as a
-            # whole: nothing is claimed, and the caller sweeps it aside.
+        async def claim_and_check(session: AsyncClientSession) -> tuple[list[Claim], list[Claim]]:
+            # One transaction, one commit: the claim, then the ordering check reads the
+            # unfinished messages of the candidates' keys (the claimed ones among them, active
+            # now, at the same orderSeq), then the claimed documents are read back (a
+            # coalescing publish may have replaced a payload since the candidates were found),
+            # all in one snapshot. The write first: it is what races a watcher batch's hold. A
+            # write conflict is a claim that committed first (the next attempt claims what is
+            # left) or a message held by a transaction still open (HeldElsewhere once the
+            # attempts are spent). A malformed document fails the claim as a whole: nothing is
+            # claimed, and the caller sweeps it aside.
+            nonlocal tries
+            tries += 1
+            try:
+                await self.collection.update_many(
+                    {**claiming.available, "_id": {"$in": ids}},
+                    self._claiming(worker=claiming.worker, token=claiming.token, now=claiming.now),
+                    session=session,
+                )
+            except OperationFailure as exc:
+                if exc.code == WRITE_CONFLICT and tries >= attempts:
+                    raise HeldElsewhere(f"{self.name}: {len(ids)} messages") from exc
+                raise
             unfinished = await self._unfinished(keys, session=session) if keys else []
-            await self.collection.update_many(
-                {**available, "_id": {"$in": ids}},
-                self._claiming(worker=worker, token=token, now=now),
-                session=session,
-            )
             claimed = self.collection.find(
-                {"_id": {"$in": ids}, "claimToken": token, "status": ACTIVE},
+                {"_id": {"$in": ids}, "claimToken": claiming.token, "status": ACTIVE},
                 sort=[("availableAt", 1)],
                 batch_size=len(ids) + 1,
                 session=session,
             )
-            claims[:] = [Claim(id=d["_id"], token=token, document=d) async for d in claimed]
-            blocked[:] = behind_earlier(claims, unfinished)
+            claims = [Claim(id=d["_id"], token=claiming.token, document=d) async for d in claimed]
+            return claims, behind_earlier(claims, unfinished)
 
-        await mongo.in_transaction(self.collection.database.client, claim_and_check)
-        for claim in blocked:
-            await self._park(claim)  # after the commit: parking promotes what may go now
-        parked = {claim.id for claim in blocked}
-        return True, [claim for claim in claims if claim.id not in parked]
+        claims, blocked = await mongo.in_transaction(
+            self.collection.database.client, claim_and_check
+        )
+        claiming.claims += claims
+        claiming.blocked += blocked
 
     async def _behind_earlier(self, claim: Claim) -> bool:
         if claim.ordering_key is None:
