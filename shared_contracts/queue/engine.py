@@ -7,6 +7,7 @@ worker's claim.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -19,7 +20,7 @@ from typing import Any, Literal
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from shared_contracts import mongo
 from shared_contracts.messages import Message, types_for_queue
@@ -92,8 +93,11 @@ class Claim:
 #: committed first is gone on the second; a message held by an open transaction is still there.
 CLAIM_ATTEMPTS = 2
 #: Transactions one claim_many may spend cutting claims up around held messages: finding one
-#: held message among 100 takes 15. Past it, what is not sorted out waits as held, as a group.
+#: held message among 100 takes 15. Past it, what is not sorted out is left to the next claim.
 CLAIM_TRANSACTIONS = 24
+#: Of those, what trying the messages found held before may spend: most are usually still held
+#: (a user's batches run back to back), and must not use up what the others need.
+HELD_RECHECK_TRANSACTIONS = 4
 
 
 @dataclass(slots=True, kw_only=True)
@@ -449,31 +453,46 @@ class Queue:
     async def _claim_batch(self, *, worker: str, limit: int) -> tuple[bool, list[Claim]]:
         """(whether any message was available, the claims not parked).
 
-        The messages found held by another transaction last time go first: the batch that held
+        The messages found held by another transaction before go first: the batch that held
         them has committed by now, or its user's next batch holds them again soon (the consumer
         was woken by the commit's publish into them, and this is the claim's first write).
-        Then the next available ones without those still held, until ``limit`` are claimed or
-        none is left that is not held."""
+        Then the next available ones without those still held, until ``limit`` are claimed,
+        none is left that is not held, or the budget of transactions is spent."""
         now = self.clock()
         available = {"status": PENDING, "availableAt": {"$lte": now}}
         claiming = _Claiming(worker=worker, token=uuid.uuid4().hex, now=now, available=available)
         held = [{"_id": i, "orderingKey": key} for i, key in self._held.items()]
-        self._held.clear()  # what is still held is found held again
-        if held:
-            await self._claim_unless_held(claiming, held[:limit], attempts=1)
-            self._held.update((d["_id"], d["orderingKey"]) for d in held[limit:])
         found = bool(held)
-        while (room := limit - len(claiming.claims)) > 0:  # (a find's limit 0 is no limit)
-            query = {**available, "_id": {"$nin": list(self._held)}} if self._held else available
-            candidates = await self.collection.find(
-                query, {"orderingKey": 1}, sort=[("availableAt", 1)], limit=room
-            ).to_list()
-            if not candidates:
-                break
-            found, held_before = True, len(self._held)
-            await self._claim_unless_held(claiming, candidates, attempts=CLAIM_ATTEMPTS)
-            if len(self._held) == held_before:
-                break  # the rest went to other workers: the caller claims again
+        try:
+            if held:
+                self._held.clear()  # what is still held is found held again
+                await self._claim_unless_held(
+                    claiming, held[:limit], attempts=1,
+                    floor=CLAIM_TRANSACTIONS - HELD_RECHECK_TRANSACTIONS, unsorted_are_held=True,
+                )  # fmt: skip
+                self._remember_held(held[limit:])
+            while (room := limit - len(claiming.claims)) > 0 and claiming.budget > 0:
+                query = (
+                    {**available, "_id": {"$nin": list(self._held)}} if self._held else available
+                )
+                candidates = await self.collection.find(
+                    query, {"orderingKey": 1}, sort=[("availableAt", 1)], limit=room
+                ).to_list()  # (room > 0: a find's limit 0 is no limit)
+                if not candidates:
+                    break
+                found, held_before = True, len(self._held)
+                await self._claim_unless_held(claiming, candidates, attempts=CLAIM_ATTEMPTS)
+                if len(self._held) == held_before:
+                    break  # the rest went to other workers: the caller claims again
+        except PyMongoError:
+            # A malformed document fails the transaction it is in, but those before it have
+            # committed: their claims are ours, handed out, not left to expire.
+            if not claiming.claims:
+                raise
+            log.warning("%s: a claim failed after %d were claimed; sweeping malformed documents",
+                        self.name, len(claiming.claims), exc_info=True)  # fmt: skip
+            with contextlib.suppress(PyMongoError):
+                await self.sweep_malformed()
         for claim in claiming.blocked:
             await self._park(claim)  # after the commit: parking promotes what may go now
         parked = {claim.id for claim in claiming.blocked}
@@ -484,26 +503,43 @@ class Queue:
         """How many messages the last claim left because another transaction holds them."""
         return len(self._held)
 
+    def _remember_held(self, documents: list[Document]) -> None:
+        for document in documents:
+            if len(self._held) >= mongo.MAX_IN_IDS:  # the next claims' $nin stays bounded
+                return
+            self._held[document["_id"]] = document.get("orderingKey")
+
     async def _claim_unless_held(
-        self, claiming: _Claiming, candidates: list[Document], *, attempts: int
+        self,
+        claiming: _Claiming,
+        candidates: list[Document],
+        *,
+        attempts: int,
+        floor: int = 0,
+        unsorted_are_held: bool = False,
     ) -> None:
         """Claim these, all but those a transaction holds: a claim that meets one is cut in two
-        until the held ones are alone, and those are left for later (``_held``). Within the
-        call's budget of transactions; past it, a part still unsorted is left as held, whole."""
-        if claiming.budget <= 0:
-            self._held.update((d["_id"], d.get("orderingKey")) for d in candidates)
+        until the held ones are alone, and those are left for later (``_held``). While the
+        call's budget of transactions is above ``floor``; past it, a part not sorted out yet
+        is left to the next claim: as held if it was held before (``unsorted_are_held``),
+        else to be found again."""
+        if claiming.budget <= floor:
+            if unsorted_are_held:
+                self._remember_held(candidates)
             return
         claiming.budget -= 1
         try:
             await self._claim_in_one_transaction(claiming, candidates, attempts=attempts)
         except HeldElsewhere:
             if len(candidates) == 1:
-                self._held[candidates[0]["_id"]] = candidates[0].get("orderingKey")
+                self._remember_held(candidates)
                 return
             # A conflict of a part is the held message, not a race: one attempt each.
             half = len(candidates) // 2
-            await self._claim_unless_held(claiming, candidates[:half], attempts=1)
-            await self._claim_unless_held(claiming, candidates[half:], attempts=1)
+            for part in (candidates[:half], candidates[half:]):
+                await self._claim_unless_held(
+                    claiming, part, attempts=1, floor=floor, unsorted_are_held=unsorted_are_held
+                )
 
     async def _claim_in_one_transaction(
         self, claiming: _Claiming, candidates: list[Document], *, attempts: int
