@@ -5,7 +5,9 @@ owed under I3, every name answers with its holder's stats, every score is at its
 version, and verify is clean.
 
 The model resolves an event's key when the pipeline applies it (commands are always drained
-before events), exactly as I10 says: a revoked key or a deleted user's key is no key.
+before events), exactly as I10 says: a revoked key or a deleted user's key is no key. Unless the
+revoke died: a command whose worker died maxAttempts times dies on its next claim, and until an
+operator retries it telemetry has not heard of the revoke, so the key is still its user's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from shared_contracts.keys import api_key_hash
 from shared_contracts.mongo import make_client
 from swamp_app.settings import AppSettings
 from telemetry_service.backfill import Backfill
@@ -56,6 +59,11 @@ class Model:
     owner: dict[str, str] = field(default_factory=dict)  # device -> userId
     own: dict[str, int] = field(default_factory=dict)  # userId -> its authenticated events
     anonymous: dict[str, int] = field(default_factory=dict)  # device -> anonymous events
+    #: Keys whose api_key_revoked dies on its next claim (its worker died maxAttempts times).
+    dying: set[str] = field(default_factory=set)
+    #: Keys whose api_key_revoked died: still their user's in telemetry until an operator
+    #: retries the command.
+    unrevoked: set[str] = field(default_factory=set)
 
     def taken(self, name: str) -> bool:
         return any(u.name == name for u in self.users.values())  # deleted users keep theirs
@@ -64,10 +72,15 @@ class Model:
         for user in self.users.values():
             if key in user.keys and not user.deleted:
                 return user.id
+            if key in self.unrevoked and (key in user.keys or key in user.dead_keys):
+                return user.id
         return None
 
     def apply_pending(self) -> None:
-        """What the watcher does at a drain, in arrival order (I3, I10)."""
+        """What the watcher does at a drain, in arrival order (I3, I10), after the commands
+        (a dying revoke died there)."""
+        self.unrevoked |= self.dying
+        self.dying.clear()
         for device, key, count in self.pending:
             user_id = self.key_owner(key)
             if user_id is None:
@@ -230,6 +243,7 @@ class IdentityMachine(RuleBasedStateMachine):
     @rule()
     def operator_retries_dead_commands(self) -> None:
         self.run(self.p.retry_dead_commands())
+        self.model.unrevoked.clear()  # the next drain applies the revokes before any event
 
     @rule()
     def a_consumer_dies_holding_a_claim(self) -> None:
@@ -238,6 +252,13 @@ class IdentityMachine(RuleBasedStateMachine):
             claim = await queue.claim(worker="doomed")
             if claim is None:
                 return
+            if claim.attempts >= claim.max_attempts and claim.document["type"] == "api_key_revoked":
+                self.model.dying.update(  # its next claim finds it past its attempts: dead
+                    key
+                    for user in self.model.users.values()
+                    for key in (*user.keys, *user.dead_keys)
+                    if api_key_hash(key) == claim.document["keyHash"]
+                )
             await queue.collection.update_one(
                 {"_id": claim.id}, {"$set": {"leaseUntil": datetime.now(UTC) - timedelta(1)}}
             )
@@ -263,6 +284,7 @@ class IdentityMachine(RuleBasedStateMachine):
         for _ in range(3):
             if not self.run(self.p.retry_dead_commands()):
                 break
+            self.model.unrevoked.clear()
             self.drain()
         self.run(self.check())
 
