@@ -21,7 +21,13 @@ from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.consumer import Consumer, Delivery, ack_all
 from shared_contracts.queue.engine import Queue
 from tests.queue.conftest import FAST, Job
-from tests.queue.test_batches import counting, held_by_an_open_transaction
+from tests.queue.test_batches import (
+    _noop,
+    _noop_batch,
+    _states,
+    counting,
+    held_by_an_open_transaction,
+)
 from tests.support import eventually
 
 
@@ -32,10 +38,6 @@ async def _ack(queue: Queue, claims: list[Any]) -> None:
     if claims:
         await in_transaction(queue.collection.database.client, ack)
         await queue.promote_after(claims)
-
-
-async def _states(queue: Queue) -> list[tuple[Any, ...]]:
-    return sorted([(d["n"], d["status"]) async for d in queue.collection.find({})])
 
 
 async def test_a_malformed_document_after_a_split_strands_nothing_the_claim_committed(
@@ -51,7 +53,7 @@ async def test_a_malformed_document_after_a_split_strands_nothing_the_claim_comm
     async with held_by_an_open_transaction(queue, ["k0"]):
         got = await asyncio.wait_for(consumer._try_claim(), timeout=20)
         states = await _states(jobs)
-    stranded = [n for n, status in states if status == "active"]
+    stranded = [n for n, status, _ in states if status == "active"]
     assert got or stranded == [], (got, states)
 
 
@@ -193,14 +195,6 @@ async def test_many_held_messages_starve_none_of_the_others(jobs: Queue) -> None
     assert sorted(seen) == list(range(total))
 
 
-async def _noop(delivery: Delivery) -> None:
-    pass
-
-
-async def _noop_batch(deliveries: list[Delivery]) -> None:
-    pass
-
-
 @pytest.mark.parametrize("streams", [True, False], ids=["change-stream", "polling"])
 @pytest.mark.parametrize("n_held", [1, 12])
 async def test_consumer_keeps_handling_others_during_a_long_hold(
@@ -320,3 +314,40 @@ async def test_random_holds_keep_order_and_exactly_once(
         assert ns == sorted(ns), (k, ns)
     # nothing of a held key while it was held
     assert not [n for n in during if by_n[n] in held], (during, held)
+
+
+async def test_a_worker_killed_in_the_middle_of_a_cut_up_claim_loses_nothing(
+    jobs: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after some parts of a cut-up claim committed and before the claim returned: those
+    claims are nobody's until their lease expires; the reaper returns them, and every message
+    is claimed again, none left active."""
+    queue = Queue(jobs.collection, config=replace(FAST, lease_seconds=0.5), types=jobs.types)
+    await queue.publish_many(Job(n=n, key=f"k{n}") for n in range(20))
+    real, calls = Queue._claim_in_one_transaction, 0
+
+    async def killed_on_the_third(self: Queue, *args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise asyncio.CancelledError  # the process dies here
+        await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Queue, "_claim_in_one_transaction", killed_on_the_third)
+    # The whole claim meets k19, its first half commits, the worker dies on the second.
+    async with held_by_an_open_transaction(queue, ["k19"]):
+        with contextlib.suppress(asyncio.CancelledError):
+            await queue.claim_many(worker="doomed", limit=20)
+    monkeypatch.setattr(Queue, "_claim_in_one_transaction", real)
+    assert calls == 3
+    stranded = [n for n, status, _ in await _states(jobs) if status == "active"]
+    assert stranded  # a part had committed
+    await asyncio.sleep(0.6)
+    survivor = Queue(jobs.collection, config=FAST, types=jobs.types)
+    assert await survivor.reap() == len(stranded)
+    seen: list[int] = []
+    while claims := await survivor.claim_many(worker="survivor", limit=20):
+        seen += [c.document["n"] for c in claims]
+        await _ack(survivor, claims)
+    assert sorted(seen) == list(range(20))
+    assert [s for _, s, _ in await _states(jobs) if s != "done"] == []
