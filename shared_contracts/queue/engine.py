@@ -98,6 +98,10 @@ CLAIM_TRANSACTIONS = 24
 #: Of those, what trying the messages found held before may spend: most are usually still held
 #: (a user's batches run back to back), and must not use up what the others need.
 HELD_RECHECK_TRANSACTIONS = 4
+#: Rounds of one claim whose finds were all parked behind earlier messages of their keys
+#: before it answers "nothing": each round takes what it parked out of reach, so only a
+#: pathological queue reaches it (a claim that gave up after three ended drains early).
+PARK_ROUNDS = 500
 
 
 @dataclass(slots=True, kw_only=True)
@@ -413,8 +417,12 @@ class Queue:
         }
 
     async def claim(self, *, worker: str) -> Claim | None:
-        """Lease the next available message, or None. One indexed find_one_and_update."""
-        for _ in range(3):  # a claim parked behind an earlier message is retried at once
+        """Lease the next available message, or None. One indexed find_one_and_update.
+
+        A message found behind an earlier one of its key is parked and the next one tried, as
+        long as any is available: each park takes one message out of reach. (It gave up after
+        three: a drain then stopped with other keys' messages claimable.)"""
+        for _ in range(PARK_ROUNDS):
             now = self.clock()
             token = uuid.uuid4().hex
             document = await self.collection.find_one_and_update(
@@ -444,7 +452,7 @@ class Queue:
         if limit <= 1 and not self._may_be_held:
             claim = await self.claim(worker=worker)
             return [claim] if claim else []
-        for _ in range(3):  # a batch that was all parked behind earlier messages: at once again
+        for _ in range(PARK_ROUNDS):  # a batch all parked behind earlier messages: again
             found, claims = await self._claim_batch(worker=worker, limit=limit)
             if claims or not found or self._held:
                 return claims

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from shared_contracts import mongo
 from shared_contracts.mongo import in_transaction
 from shared_contracts.queue.documents import ACTIVE
 from shared_contracts.queue.engine import Queue
@@ -176,3 +177,39 @@ async def test_a_promotion_whose_choice_another_worker_unparked_meanwhile_keeps_
             await jobs.ack(claim)  # outside a transaction: promotes the next at once
     assert handled == [1, 2]
     assert await jobs.collection.count_documents({"status": {"$ne": "done"}}) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5], ids=["claim", "claim_many-2", "claim_many-5"])
+async def test_a_drain_does_not_stop_at_messages_it_must_park(jobs: Queue, batch: int) -> None:
+    """Messages behind an unfinished earlier one of their key that are available anyway (a
+    publish race; an operator's retry of dead ones) are parked by the claim that finds them.
+    A claim that parked three of them in a row answered "nothing available": the drain ended
+    with another key's message claimable (found by the identity state machine: renames
+    retried by an operator, every key and score after them left undone)."""
+    await jobs.publish(Job(n=0, key="a"))
+    first = await jobs.claim(worker="slow")  # the earlier message of key a, in progress
+    assert first is not None
+    for n in range(1, 8):
+        await jobs.publish(Job(n=n, key="a"))
+    await jobs.publish(Job(n=100, key="b"))
+    # As if each of a's later messages had raced past the check at publish: all available,
+    # and older than b's.
+    await mongo.update_many(
+        jobs.collection,
+        {"n": {"$gte": 1, "$lt": 100}},
+        {"$set": {"availableAt": datetime.now(UTC) - timedelta(seconds=10)}},
+    )
+    handled: list[int] = []
+
+    async def handle(claims: list[Any]) -> None:
+        for claim in claims:
+            handled.append(claim.document["n"])
+            await jobs.ack(claim)
+
+    while claims := await jobs.claim_many(worker="drain", limit=batch):
+        await handle(claims)
+    assert handled == [100]
+    await jobs.ack(first)  # promotes a's next
+    while claims := await jobs.claim_many(worker="drain", limit=batch):
+        await handle(claims)
+    assert handled == [100, *range(1, 8)]
