@@ -127,11 +127,27 @@ async def above_mark(db: Database, progress: Progress, *, limit: int) -> list[di
 
     One read per range (the mark, then each remembered gap), never one ``$or`` of them: the
     embedded server plans no ``$or`` (tests/test_embedded_gaps.py), and for the hour a gap is
-    remembered every batch read scanned every event ever stored."""
+    remembered every batch read scanned every event ever stored.
+
+    Above the mark it reads a window of ``limit`` arrival numbers, not "above the mark, the
+    first ``limit``": numbers are unique, so the window holds at most ``limit`` events, and
+    the embedded server reads every document an open range matches before it applies the
+    limit (bench/RESULTS.md, "Catch-up": a backlog of N drained in batches of B cost N²/2B
+    reads). Only a window with no event at all (every number in it a hole) costs a second,
+    open read, so that the main line never stops in front of a long run of holes."""
     found: dict[Any, dict[str, Any]] = {}  # by _id: ranges never overlap, but nothing relies on it
-    for clause in _not_passed(progress):
-        cursor = db[EVENTS].find(clause, sort=[("seq", 1)], limit=limit, batch_size=limit)
-        found.update({document["_id"]: document async for document in cursor})
+
+    async def read(clause: dict[str, Any]) -> int:
+        cursor = db[EVENTS].find(clause, sort=[("seq", 1)], limit=limit, batch_size=limit + 1)
+        documents = {document["_id"]: document async for document in cursor}
+        found.update(documents)
+        return len(documents)
+
+    for clause in _not_passed(progress)[1:]:  # the remembered gaps: bounded already
+        await read(clause)
+    window = {"$gt": progress.through, "$lte": progress.through + limit}
+    if not await read({"seq": window}):
+        await read({"seq": {"$gt": progress.through + limit}})
     return sorted(found.values(), key=lambda document: int(document["seq"]))[:limit]
 
 

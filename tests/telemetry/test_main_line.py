@@ -79,8 +79,10 @@ class EventWrites(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+        self.seen_any = False
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.seen_any = True
         writes = event.command_name in {"update", "findAndModify", "delete"}
         if writes and event.command.get(event.command_name) == EVENTS:
             self.commands.append(event.command_name)
@@ -92,18 +94,30 @@ class EventWrites(monitoring.CommandListener):
         pass
 
 
-async def test_applied_events_are_never_written_again(telemetry: Telemetry) -> None:
+@contextlib.asynccontextmanager
+async def listened_to(
+    telemetry: Telemetry, mongo_uri: str, listener: monitoring.CommandListener, **overrides: Any
+) -> AsyncIterator[IngestWatcher]:
+    """A watcher whose client reports its commands to ``listener`` (a listener registered
+    globally reaches only clients created after it, never the fixture's)."""
+    client: Any = make_client(mongo_uri, app_name="main-line-listened", event_listeners=[listener])
+    settings_ = telemetry.runtime.settings.model_copy(update=overrides)
+    try:
+        yield IngestWatcher(TelemetryRuntime(settings=settings_, client=client))
+    finally:
+        await client.close()
+
+
+async def test_applied_events_are_never_written_again(telemetry: Telemetry, mongo_uri: str) -> None:
     """The point of the mark: an event is written once, by its insert."""
     _, key = await telemetry.register("wendy")
     await telemetry.post({"events": [cli_event("w1") for _ in range(20)]}, key)
     await telemetry.post({"events": [cli_event("w2") for _ in range(5)]})
     before = {d["_id"]: d async for d in telemetry.runtime.db[EVENTS].find()}
     writes = EventWrites()
-    monitoring.register(writes)
-    try:
-        await telemetry.drain()
-    finally:
-        monitoring._LISTENERS.command_listeners.remove(writes)  # no public unregister
+    async with listened_to(telemetry, mongo_uri, writes) as watcher:
+        assert await watcher.drain() == 25
+    assert writes.seen_any, "the listener saw none of the watcher's commands"
     assert writes.commands == []
     after = {d["_id"]: d async for d in telemetry.runtime.db[EVENTS].find()}
     assert after == before
@@ -419,6 +433,78 @@ async def test_a_batch_is_the_backlog_up_to_the_largest_batch(telemetry: Telemet
     assert (await telemetry.stats("yara"))["totalInvocations"] == 33
 
 
+class MainLineReads(monitoring.CommandListener):
+    """The main line's reads of events by arrival range (a limited find, unlike the reads of a
+    batch's devices), each with how many it returned."""
+
+    def __init__(self) -> None:
+        self.filters: dict[int, dict[str, Any]] = {}
+        self.reads: list[tuple[dict[str, Any], int]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        query = event.command.get("filter")
+        ranged = isinstance(query, dict) and set(query) == {"seq"}
+        # Limited: above_mark's reads, not those of a batch's devices.
+        limited = event.command_name == "find" and bool(event.command.get("limit"))
+        if limited and ranged and event.command.get("find") == EVENTS:
+            self.filters[event.request_id] = query["seq"]
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if (bounds := self.filters.pop(event.request_id, None)) is not None:
+            self.reads.append((bounds, len(event.reply["cursor"]["firstBatch"])))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.filters.pop(event.request_id, None)
+
+
+async def test_the_main_line_reads_a_window_of_the_largest_batch(
+    telemetry: Telemetry, mongo_uri: str
+) -> None:
+    """A batch reads the next INGEST_MAX_BATCH_SIZE arrival numbers, never everything above
+    the mark: the embedded server reads all an open range matches before it applies the
+    limit, so draining a backlog of N in batches of B read N²/2B events (bench/ingest.py)."""
+    _, key = await telemetry.register("vera")
+    await telemetry.post({"events": [cli_event("v1") for _ in range(25)]}, key)
+    await telemetry.post({"events": [cli_event("v1") for _ in range(5)]})
+    reads = MainLineReads()
+    async with listened_to(telemetry, mongo_uri, reads, ingest_max_batch_size=8) as watcher:
+        sizes = [handled async for handled in _batches(watcher)]
+    assert sizes == [8, 8, 8, 6]
+    windows = [(b["$lte"] - b["$gt"], n) for b, n in reads.reads if "$lte" in b]
+    assert windows[:4] == [(8, 8), (8, 8), (8, 8), (8, 6)], reads.reads
+    # An open range only after a window that held nothing (here: once caught up).
+    assert all(n == 0 for b, n in reads.reads if "$lte" not in b), reads.reads
+    assert (await telemetry.stats("vera"))["totalInvocations"] == 30  # she owns v1
+
+
+async def _batches(watcher: IngestWatcher) -> AsyncIterator[int]:
+    while handled := await watcher.main_line_batch():
+        yield handled
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-holes", "in-flight-holes"])
+async def test_a_run_of_holes_longer_than_a_batch_does_not_stop_the_main_line(
+    telemetry: Telemetry, recorded: bool
+) -> None:
+    """Twenty numbers that never hold an event (re-sent duplicates' numbers recorded as holes,
+    or a reservation whose insert never came) and then events: with batches of 8 the window
+    above the mark holds nothing, and the main line still reaches the events beyond it."""
+    await telemetry.post(cli_event("h1"))
+    hole = await reserve_without_inserting(telemetry, 20)
+    if recorded:
+        await arrival.record_holes(telemetry.runtime.db, list(range(hole, hole + 20)))
+    await telemetry.post({"events": [cli_event("h1") for _ in range(3)]})
+    watcher = replica(telemetry, ingest_max_batch_size=8, ingest_gap_wait_seconds=0)
+    await watcher.drain()
+    assert await anonymous(telemetry, "h1") == 4
+    assert await unapplied_events(telemetry.runtime.db) == 0
+    progress = await mark(telemetry)
+    assert progress.through == hole + 22
+    # Recorded holes never fill: nothing to look at later. An unrecorded one may still land.
+    skipped = [(gap.first, gap.last) for gap in progress.gaps]
+    assert skipped == ([] if recorded else [(hole, hole + 19)])
+
+
 async def test_database_blips_before_a_batch_is_tried_never_count_as_its_attempts(
     telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -502,7 +588,10 @@ async def test_the_watcher_s_reads_select_what_the_unapplied_query_selects(
 ) -> None:
     """above_mark and unapplied_on_devices read range by range, without an $or (the embedded
     server plans none): whatever the events, the mark and its gaps, they select exactly what the
-    one-query definitions select."""
+    one-query definitions select. Above the mark, above_mark reads a window of ``limit`` arrival
+    numbers (or, when the window holds no event, the first ``limit`` beyond it): what it returns
+    is always the start of what is in reach, never skipping one, and never nothing while
+    anything is in reach."""
     db = telemetry.runtime.db
     await db[EVENTS].drop()
     remembered = [main_line.Gap(first, min(first + width, through), NOW)
@@ -521,8 +610,13 @@ async def test_the_watcher_s_reads_select_what_the_unapplied_query_selects(
         seq for seq in sorted(events)
         if seq > through or any(g.first <= seq <= g.last for g in remembered)
     ]  # fmt: skip
-    read = await main_line.above_mark(db, progress, limit=limit)
-    assert [d["seq"] for d in read] == in_reach[:limit]
+    in_gaps = [seq for seq in in_reach if seq <= through]
+    above = [seq for seq in in_reach if seq > through]
+    window = [seq for seq in above if seq <= through + limit] or above[:limit]
+    read = [d["seq"] for d in await main_line.above_mark(db, progress, limit=limit)]
+    assert read == sorted(in_gaps + window)[:limit]
+    assert read == in_reach[: len(read)]
+    assert bool(read) == bool(in_reach)
 
     definition = {
         "$and": [main_line.unapplied_query(stored), {"distinctId": {"$in": sorted(devices)}}],
