@@ -169,6 +169,33 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_counters() -> tuple[float, float, float, float] | None:
+    """Seconds some task waited for a CPU and for IO (Linux pressure stall information), and
+    this machine's stolen and total CPU ticks so far; None where /proc does not have them."""
+    try:
+        stalled = [
+            int(Path(f"/proc/pressure/{kind}").read_text().split()[4].split("=")[1]) / 1e6
+            for kind in ("cpu", "io")
+        ]
+        ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, IndexError, ValueError):
+        return None
+    return stalled[0], stalled[1], float(ticks[7]), float(sum(ticks[:8]))
+
+
+def machine_pressure(before: tuple[float, float, float, float] | None, wall: float) -> str:
+    """What else held the run back: the share of its wall time in which some task on the
+    machine waited for a CPU, or for IO, and the share of the machine's CPU time the host
+    stole (a shared VM). A run that stalls with its own processes idle shows here."""
+    after = machine_counters()
+    if before is None or after is None or wall <= 0:
+        return "machine pressure not available"
+    cpu, io = ((after[i] - before[i]) / wall for i in (0, 1))
+    steal = (after[2] - before[2]) / max(after[3] - before[3], 1)
+    waits = f"some task waiting for a CPU {cpu:.2f}, for IO {io:.2f} of the time"
+    return f"machine: {waits}; steal {steal:.2f}"
+
+
 class CpuShare:
     """Where a run's CPU went: the database server's process and the services' (this process
     by default: services and senders; or the service processes given), each as a share of one
@@ -181,6 +208,7 @@ class CpuShare:
         self.pid = SERVER_PIDS.get(uri)
         self.services, self.label = services, label
         self.started = (time.perf_counter(), self._server(), self._services())
+        self.machine = machine_counters()
 
     def _server(self) -> float:
         return cpu_seconds(self.pid) if self.pid else 0.0
@@ -195,7 +223,8 @@ class CpuShare:
         server = (self._server() - self.started[1]) / wall
         services = (self._services() - self.started[2]) / wall
         where = f"{server:.2f} database server" if self.pid else "database server not local"
-        return f"{where}, {services:.2f} {self.label} (share of one core)"
+        pressure = machine_pressure(self.machine, wall)
+        return f"{where}, {services:.2f} {self.label} (share of one core); {pressure}"
 
 
 class ServerProfile:
