@@ -132,9 +132,10 @@ async def above_mark(db: Database, progress: Progress, *, limit: int) -> list[di
     Above the mark it reads a window of ``limit`` arrival numbers, not "above the mark, the
     first ``limit``": numbers are unique, so the window holds at most ``limit`` events, and
     the embedded server reads every document an open range matches before it applies the
-    limit (bench/RESULTS.md, "Catch-up": a backlog of N drained in batches of B cost N²/2B
-    reads). Only a window with no event at all (every number in it a hole) costs a second,
-    open read, so that the main line never stops in front of a long run of holes."""
+    limit: a backlog of N drained in batches of B cost N²/2B reads (bench/RESULTS.md, "Watcher
+    alone", batches up to 500). Only a window with no event at all (every number in it a hole)
+    costs a second, open read, so that the main line never stops in front of a long run of
+    holes."""
     found: dict[Any, dict[str, Any]] = {}  # by _id: ranges never overlap, but nothing relies on it
 
     async def read(clause: dict[str, Any]) -> int:
@@ -143,7 +144,7 @@ async def above_mark(db: Database, progress: Progress, *, limit: int) -> list[di
         found.update(documents)
         return len(documents)
 
-    for clause in _not_passed(progress)[1:]:  # the remembered gaps: bounded already
+    for clause in _in_gaps(progress):  # bounded already
         await read(clause)
     window = {"$gt": progress.through, "$lte": progress.through + limit}
     if not await read({"seq": window}):
@@ -277,10 +278,15 @@ def _not_passed(progress: Progress, *, below: int | None = None) -> list[dict[st
     """Arrival numbers the main line has not applied: above the mark, or in a remembered gap
     (only those under ``below``, when given)."""
     ranges: list[dict[str, Any]] = [{"$gt": progress.through}]
-    ranges += [{"$gte": g.first, "$lte": g.last} for g in progress.gaps]
+    ranges += [clause["seq"] for clause in _in_gaps(progress)]
     if below is not None:
         ranges = [under for bounds in ranges if (under := _under(bounds, below)) is not None]
     return [{"seq": bounds} for bounds in ranges]
+
+
+def _in_gaps(progress: Progress) -> list[dict[str, Any]]:
+    """One query per remembered gap: the numbers the mark passed without their events."""
+    return [{"seq": {"$gte": g.first, "$lte": g.last}} for g in progress.gaps]
 
 
 def _under(bounds: dict[str, Any], below: int) -> dict[str, Any] | None:
