@@ -191,6 +191,25 @@ async def test_two_in_clauses_are_both_bounds_of_one_index_walk(
 
 @pytest.mark.skipif(
     EMBEDDED,
+    reason="SecantusDB scans the collection for a query of a compound index's fields (equalities "
+    "then one range) plus any field outside the index; mongod walks the index and filters the "
+    "rest. The queue parks a key's followers by the ordering index's fields alone "
+    "(shared_contracts/queue/engine.py, Queue._park_followers).",
+)
+async def test_a_field_outside_the_index_is_filtered_after_the_index_walk(
+    mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames
+) -> None:
+    collection = mongo_client[db_names.bus]["residual_field"]
+    await collection.create_index([("status", 1), ("key", 1), ("seq", 1)])
+    await collection.insert_many(
+        [{"key": f"k{i % 50}", "status": "pending", "seq": i, "at": i} for i in range(400)]
+    )
+    query = {"status": "pending", "key": "k1", "seq": {"$gt": 100}, "at": {"$lt": 10_000}}
+    assert await docs_examined(collection, query) <= 8
+
+
+@pytest.mark.skipif(
+    EMBEDDED,
     reason="SecantusDB plans no query with a top-level $or, even when every branch is a range "
     "on one indexed field: it scans the collection. mongod plans each branch on the index. "
     "The watcher read the events above its mark and in its remembered gaps as one $or (for "

@@ -99,8 +99,9 @@ CLAIM_TRANSACTIONS = 24
 #: (a user's batches run back to back), and must not use up what the others need.
 HELD_RECHECK_TRANSACTIONS = 4
 #: Rounds of one claim whose finds were all parked behind earlier messages of their keys
-#: before it answers "nothing": each round takes what it parked out of reach, so only a
-#: pathological queue reaches it (a claim that gave up after three ended drains early).
+#: before it answers "nothing": each round parks a key's whole available backlog behind the
+#: message it found, so a round per blocked key; only a pathological queue reaches it (a
+#: claim that gave up after three ended drains early).
 PARK_ROUNDS = 500
 
 
@@ -611,7 +612,28 @@ class Queue:
         if outcome == "pending":
             metrics.OUTCOMES.labels(self.name, "parked").inc()
         assert claim.ordering_key is not None
+        await self._park_followers(claim)
         await self.promote(claim.ordering_key)  # the earlier one may have finished meanwhile
+
+    async def _park_followers(self, claim: Claim) -> None:
+        """Every pending message of the key numbered after its earliest unfinished one is
+        behind that one too: all parked at once, not found and parked one claim at a time (each
+        such park reads the key's unfinished messages: a backlog of N of one key, retried by an
+        operator, cost N² reads, and one claim ran past its lease). The filter is the ordering
+        index's fields alone: the embedded server scans the collection for any other field in
+        it (tests/test_embedded_gaps.py). So it also parks again what is parked, and a message
+        waiting out a retry's backoff: promoted in its turn, it goes without the rest of it."""
+        assert claim.ordering_key is not None
+        unfinished = await self._unfinished([claim.ordering_key])
+        first = min((_order_seq(d) for d in unfinished), default=None)
+        if first is None:
+            return
+        now = self.clock()
+        await mongo.update_all(
+            self.collection,
+            {"status": PENDING, "orderingKey": claim.ordering_key, "orderSeq": {"$gt": first}},
+            {"$set": {"availableAt": PARKED, "updatedAt": now}},
+        )
 
     async def promote(self, ordering_key: str, *, check_blocking: bool = True) -> bool:
         """Make the next parked message of a key claimable, if nothing else of it is unfinished.

@@ -65,6 +65,18 @@ async def insert_late(telemetry: Telemetry, first: int, device: str, count: int)
     await telemetry.runtime.db[EVENTS].insert_many(documents)
 
 
+async def crash_before_commit(watcher: IngestWatcher, db: Any) -> None:
+    """One main-line batch that dies just before its commit; its lease then runs out."""
+    failpoints.arm(watcher_module.BEFORE_COMMIT, times=1)
+    try:
+        await watcher.main_line_batch()
+    except failpoints.FailpointError:
+        pass
+    finally:
+        failpoints.disarm()
+    await expire_watcher_leases(db)
+
+
 async def mark(telemetry: Telemetry) -> main_line.Progress:
     document = await telemetry.runtime.db[PROGRESS].find_one({"_id": "arrival"})
     return main_line.Progress.from_document(document)
@@ -393,14 +405,7 @@ async def test_any_interleaving_of_requests_holes_crashes_and_drains_counts_each
         elif action == "drain":
             await watcher().drain()
         elif action == "crash":
-            failpoints.arm(watcher_module.BEFORE_COMMIT, times=1)
-            try:
-                await watcher().main_line_batch()
-            except failpoints.FailpointError:
-                pass
-            finally:
-                failpoints.disarm()
-            await expire_watcher_leases(db)
+            await crash_before_commit(watcher(), db)
         elif action == "wait":
             impatient = True
     for number in pending:  # the rest land at last
