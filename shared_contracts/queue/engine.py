@@ -99,9 +99,9 @@ CLAIM_TRANSACTIONS = 24
 #: (a user's batches run back to back), and must not use up what the others need.
 HELD_RECHECK_TRANSACTIONS = 4
 #: Rounds of one claim whose finds were all parked behind earlier messages of their keys
-#: before it answers "nothing": each round parks a key's whole available backlog behind the
-#: message it found, so a round per blocked key; only a pathological queue reaches it (a
-#: claim that gave up after three ended drains early).
+#: before it answers "nothing": each round parks the whole pending backlog of the keys it
+#: found, so a round per blocked key; only a pathological queue reaches it (a claim that gave
+#: up after three ended drains early).
 PARK_ROUNDS = 500
 
 
@@ -420,9 +420,9 @@ class Queue:
     async def claim(self, *, worker: str) -> Claim | None:
         """Lease the next available message, or None. One indexed find_one_and_update.
 
-        A message found behind an earlier one of its key is parked and the next one tried, as
-        long as any is available: each park takes one message out of reach. (It gave up after
-        three: a drain then stopped with other keys' messages claimable.)"""
+        A message found behind an earlier one of its key is parked, with every later pending
+        message of that key, and the next one tried, as long as any is available. (It gave up
+        after three: a drain then stopped with other keys' messages claimable.)"""
         for _ in range(PARK_ROUNDS):
             now = self.clock()
             token = uuid.uuid4().hex
@@ -601,7 +601,8 @@ class Queue:
         return bool(behind_earlier([claim], await self._unfinished([claim.ordering_key])))
 
     async def _park(self, claim: Claim) -> None:
-        """Claimed out of order (a publish race): wait behind the earlier message again."""
+        """Claimed out of order (a publish race): wait behind the earlier message again, and
+        the rest of its key with it."""
         outcome = await to_pending(
             self.collection,
             claim.owned(),
