@@ -205,3 +205,35 @@ async def test_a_round_that_parks_and_meets_a_held_message_does_not_end_the_drai
                 handled.append(claim.document["n"])
                 await jobs.ack(claim)
     assert 3 in handled, f"drain ended with b0 claimable; handled {handled}"
+
+
+async def test_a_claim_that_dies_while_parking_a_keys_backlog_loses_no_order(
+    jobs: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies between parking the found message and parking the rest of its key
+    (the database goes away there): what stayed available is parked by the next claim that
+    finds it, and the key still goes in publish order, nothing lost or stuck."""
+    first = await _blocked_behind_a_slow_first(jobs, 6)
+    real = mongo.update_all
+
+    async def dies(*args: Any, **kwargs: Any) -> int:
+        raise ConnectionError("killed mid-park")
+
+    monkeypatch.setattr(mongo, "update_all", dies)
+    with pytest.raises(ConnectionError):
+        await jobs.claim(worker="doomed")
+    monkeypatch.setattr(mongo, "update_all", real)
+    handled: list[int] = []
+    while claims := await jobs.claim_many(worker="drain", limit=2):
+        for claim in claims:
+            handled.append(claim.document["n"])
+            await jobs.ack(claim)
+    assert handled == [100_000]
+    await jobs.ack(first)
+    for _ in range(7):
+        while claims := await jobs.claim_many(worker="drain", limit=2):
+            for claim in claims:
+                handled.append(claim.document["n"])
+                await jobs.ack(claim)
+    assert handled == [100_000, *range(1, 7)]
+    assert await jobs.collection.count_documents({"status": {"$ne": DONE}}) == 0
