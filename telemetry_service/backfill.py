@@ -13,13 +13,13 @@ lease cannot commit a batch.
 Users are walked by pages of ids (one read per 50,000), each batch's entries read by id in its
 transaction. A batch costs seven commands whatever its size: its entries, their devices (one
 range read of their owners; by id only those owned by others), the versions, one bulk write,
-one bulk publish, one marker update, the commit.
+one bulk publish, one marker update, the commit. A run adds four: the lease (which creates the
+marker on a first run), the count for progress, the page of ids, the finish.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -113,33 +113,38 @@ class Backfill:
 
     async def run_if_needed(self) -> bool:
         """Run to the end if the marker is not done and we win its lease. True if we finished."""
-        if not await self._acquire():
+        marker = await self._acquire()
+        if marker is None:
             return False
-        await self._run()
+        await self._run(marker)
         return True
 
-    async def _acquire(self) -> bool:
+    async def _acquire(self) -> dict[str, Any] | None:
+        """The marker, leased to us; None if it is done or another replica holds it. One
+        command: the first run creates the marker by upserting it. A marker that exists but does
+        not match (done, or leased) makes the upsert insert a second one with its _id, which the
+        unique _id refuses: not taken (also when another replica creates it at the same moment)."""
         now = datetime.now(UTC)
         lease = now + timedelta(seconds=self.settings.backfill_lease_seconds)
-        first_time = {"status": "pending", "lastUserId": None, "batches": 0, "users": 0}
-        # Another replica may create the marker at the same moment: then it simply exists.
-        with contextlib.suppress(DuplicateKeyError):
-            await self.marker.update_one(
-                {"_id": MARKER}, {"$setOnInsert": {**first_time, "createdAt": now}}, upsert=True
+        first_time = {"lastUserId": None, "batches": 0, "users": 0, "createdAt": now}
+        try:
+            return await self.marker.find_one_and_update(
+                {
+                    "_id": MARKER,
+                    "status": {"$in": ["pending", "running"]},
+                    "$or": [{"leaseUntil": None}, {"leaseUntil": {"$lte": now}}],
+                },
+                {
+                    "$set": {"status": "running", "leaseOwner": self.owner, "leaseUntil": lease},
+                    "$setOnInsert": first_time,
+                },
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
             )
-        taken = await self.marker.find_one_and_update(
-            {
-                "_id": MARKER,
-                "status": {"$in": ["pending", "running"]},
-                "$or": [{"leaseUntil": None}, {"leaseUntil": {"$lte": now}}],
-            },
-            {"$set": {"status": "running", "leaseOwner": self.owner, "leaseUntil": lease}},
-            return_document=ReturnDocument.AFTER,
-        )
-        return taken is not None
+        except DuplicateKeyError:
+            return None
 
-    async def _run(self) -> None:
-        marker = await self.status()
+    async def _run(self, marker: dict[str, Any]) -> None:
         total = await self.runtime.db[IDENTITY_MAP].count_documents({})
         # A marker left mid-way by the username-keyed layout (lastUsername) restarts from the
         # beginning: its position means nothing in userId order.
@@ -166,9 +171,14 @@ class Backfill:
         """The userIds after ``after`` in order, a batch at a time, read a page of ids at a
         time (one read per ``ID_PAGE`` users)."""
         size = self.settings.backfill_batch_size
-        while page := await user_ids_after(self.runtime.db, after, limit=max(ID_PAGE, size)):
+        limit = max(ID_PAGE, size)
+        while page := await user_ids_after(self.runtime.db, after, limit=limit):
             for start in range(0, len(page), size):
                 yield page[start : start + size]
+            if len(page) < limit:
+                # The last page: a user created since is the watcher's to project (it publishes
+                # its own refresh), so reading an empty page would only cost a command.
+                return
             after = page[-1]
 
     async def _apply(self, user_ids: list[str]) -> int:
