@@ -25,6 +25,16 @@ class TelemetrySettings(BusSettings):
         "above the mark up to this, so a backlog becomes few large transactions and one score "
         "refresh per user per batch.",
     )
+    ingest_batch_linger_seconds: float = Field(
+        default=0.1,
+        alias="INGEST_BATCH_LINGER_SECONDS",
+        ge=0,
+        le=5,
+        description="How long the running watcher waits after a main-line batch before the "
+        "next: the app claims the score refreshes the batch just published before the next "
+        "batch holds them (which made one of the two rerun), and the events arriving meanwhile "
+        "join the next batch. Adds at most this to an event's lag; 0 turns it off.",
+    )
     ingest_lease_seconds: float = Field(default=60.0, alias="INGEST_LEASE_SECONDS", gt=0)
     ingest_poll_interval_seconds: float = Field(
         default=1.0, alias="INGEST_POLL_INTERVAL_SECONDS", gt=0

@@ -210,6 +210,8 @@ class IngestWatcher:
                     handled = 0
                 if not handled:
                     await self._idle()
+                else:
+                    await self._linger()
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -222,6 +224,17 @@ class IngestWatcher:
         went away is replaced within a poll interval; one that died holding it, when the lease
         runs out, as before."""
         await self.wakeup.wait(stream=not self._lease_elsewhere)
+
+    async def _linger(self) -> None:
+        """A pause between batches (INGEST_BATCH_LINGER_SECONDS), cut short by ``stop``. A batch
+        holds the pending refreshes of its users from its start (Queue.hold_pending); without
+        the pause the next batch began as the last one committed, and held its refreshes again
+        before the app could claim them: under load either the app's claim or the batch met a
+        write conflict, and a refresh waited a second batch. In the pause the app claims them,
+        and the events arriving join the next batch (bench/RESULTS.md, README "Throughput")."""
+        if seconds := self.settings.ingest_batch_linger_seconds:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def drain(self) -> int:
         """Apply batches until none is left (tests, the CLI, shutdown hooks)."""

@@ -82,6 +82,13 @@ async def mark(telemetry: Telemetry) -> main_line.Progress:
     return main_line.Progress.from_document(document)
 
 
+async def batches(telemetry: Telemetry) -> int:
+    """Main-line batches committed (the progress document counts them)."""
+    document = await telemetry.runtime.db[PROGRESS].find_one({"_id": "arrival"})
+    assert document is not None
+    return int(document.get("batches", 0))
+
+
 async def anonymous(telemetry: Telemetry, device: str) -> int:
     return int((await telemetry.device(device)).json()["anonymous"]["invocations"])
 
@@ -276,6 +283,28 @@ async def test_an_idle_worker_does_not_keep_the_main_line(telemetry: Telemetry) 
     await telemetry.post(cli_event("idle-dev"))
     assert await second.main_line_batch() == 1
     assert await anonymous(telemetry, "idle-dev") == 2
+
+
+async def test_events_arriving_while_the_watcher_lingers_join_one_batch(
+    telemetry: Telemetry,
+) -> None:
+    """After a batch the running watcher waits INGEST_BATCH_LINGER_SECONDS: the app claims the
+    refreshes the batch published before the next batch holds them, and what arrives meanwhile
+    is applied together. ``stop`` cuts the pause short."""
+    watcher = replica(telemetry, ingest_batch_linger_seconds=3.0)
+    running = asyncio.create_task(watcher.run())
+    try:
+        await telemetry.post(cli_event("linger-dev"))
+        await eventually(lambda: _none_unapplied(telemetry))
+        before = await batches(telemetry)
+        for _ in range(3):  # one request each, while the watcher lingers
+            assert (await telemetry.post(cli_event("linger-dev"))).status_code == 202
+        await eventually(lambda: _none_unapplied(telemetry), within=15)
+        assert await batches(telemetry) == before + 1
+    finally:
+        watcher.stop()
+        await asyncio.wait_for(running, timeout=2)  # well inside the 3 s pause
+    assert await anonymous(telemetry, "linger-dev") == 4
 
 
 @contextlib.asynccontextmanager
