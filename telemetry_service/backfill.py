@@ -223,7 +223,11 @@ class Backfill:
             raise LeaseLost("another replica owns the backfill now")
 
     async def _finish(self) -> None:
-        await self.marker.update_one(
-            {"_id": MARKER, "leaseOwner": self.owner},
+        # Only the run it still is: an operator's reset after our last batch (status pending,
+        # leaseOwner still ours) asked for a run from the start, which "done" would cancel.
+        result = await self.marker.update_one(
+            {"_id": MARKER, "leaseOwner": self.owner, "status": "running"},
             {"$set": {"status": "done", "finishedAt": datetime.now(UTC), "leaseUntil": None}},
         )
+        if result.modified_count != 1:
+            log.warning("backfill reset or taken over before it finished; not marked done")

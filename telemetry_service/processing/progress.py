@@ -89,6 +89,14 @@ async def release(db: Database, *, owner: str) -> None:
     )
 
 
+async def let_go(db: Database, *, owner: str) -> None:
+    """A stopping worker hands the main line on at once, whether or not its last lease was an
+    attempt at a batch (so its attempts stay counted)."""
+    await db[PROGRESS].update_one(
+        {"_id": MAIN_LINE, "owner": owner}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+    )
+
+
 async def renew(db: Database, *, owner: str, seconds: float) -> None:
     await db[PROGRESS].update_one(
         {"_id": MAIN_LINE, "owner": owner},

@@ -72,6 +72,8 @@ KeyOutcome = Literal["user", "no_key", "revoked", "unknown", "waiting"]
 CRASH_LOOP_ATTEMPTS = 3
 #: Claims of a batch that died, after which a failure of any kind splits it (_apply_isolating).
 SPLIT_AFTER_ATTEMPTS = 2
+#: How long a stopping watcher tries to hand the main line on before leaving it to expire.
+LET_GO_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,13 @@ class IngestWatcher:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            # Stopped after a batch (in its linger, or cancelled in one), the main line would
+            # stay ours until the lease ran out, and the replica replacing us would wait that
+            # long. Best effort, bounded so that a database gone away does not hold up the
+            # shutdown (the lease then runs out as before).
+            with contextlib.suppress(PyMongoError, TimeoutError):
+                async with asyncio.timeout(LET_GO_SECONDS):
+                    await main_line.let_go(self.runtime.db, owner=self.worker)
 
     async def _idle(self) -> None:
         """Wait for new events; or, while another replica holds the main line, one poll

@@ -274,3 +274,29 @@ async def test_a_marker_done_or_leased_is_not_taken(telemetry: Telemetry) -> Non
     await marker.update_one({"_id": MARKER}, {"$set": {"status": "done", "leaseUntil": None}})
     assert await Backfill(runtime, owner="third")._acquire() is None
     assert await marker.count_documents({}) == 1
+
+
+async def test_a_reset_after_the_last_batch_is_not_undone_by_the_run_finishing(
+    telemetry: Telemetry,
+) -> None:
+    """Found by attacking the lease: the run's finish matched on its owner alone, so an
+    operator's reset between its last batch and its finish was marked done, and the re-run it
+    asked for never came."""
+    runtime = quick(telemetry.runtime, batch=2)
+    await seed_dormant_users(runtime, 2)
+    run = Backfill(runtime, owner="A")
+    finish = run._finish
+
+    async def reset_then_finish() -> None:
+        await Backfill(runtime).reset()
+        await finish()
+
+    run._finish = reset_then_finish  # type: ignore[method-assign]
+    assert await run.run_if_needed()
+    marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
+    assert marker is not None
+    assert (marker["status"], marker["reruns"]) == ("pending", 1)
+    assert await Backfill(runtime, owner="rerun").run_if_needed()  # the re-run asked for
+    marker = await runtime.db[MIGRATIONS].find_one({"_id": MARKER})
+    assert marker is not None
+    assert (marker["status"], marker["users"]) == ("done", 2)

@@ -307,6 +307,31 @@ async def test_events_arriving_while_the_watcher_lingers_join_one_batch(
     assert await anonymous(telemetry, "linger-dev") == 4
 
 
+@pytest.mark.parametrize("linger", [None, 0.0, 5.0])
+async def test_a_watcher_stopped_after_a_batch_lets_go_of_the_main_line(
+    telemetry: Telemetry, linger: float | None
+) -> None:
+    """Found by attacking the linger: stopped in the pause after a batch, the watcher left
+    holding the main line, and the replica replacing it in a rolling deploy applied nothing
+    until the lease ran out (60 s by default). Before the linger the next, empty, batch let go
+    of it within milliseconds. ``None``: the default linger, stopped right after the batch."""
+    overrides = {} if linger is None else {"ingest_batch_linger_seconds": linger}
+    watcher = replica(telemetry, **overrides)
+    running = asyncio.create_task(watcher.run())
+    await telemetry.post(cli_event("handover"))
+    await eventually(lambda: _none_unapplied(telemetry), interval=0.005)
+    if linger is not None:
+        await asyncio.sleep(0.3)  # idle (linger 0) or still in the pause (linger 5)
+    watcher.stop()
+    await asyncio.wait_for(running, timeout=2)
+    await telemetry.post(cli_event("handover"))
+    assert await IngestWatcher(telemetry.runtime).drain() == 1, "the main line is still leased"
+    assert await anonymous(telemetry, "handover") == 2
+    progress = await telemetry.runtime.db[PROGRESS].find_one({"_id": "arrival"})
+    assert progress is not None
+    assert progress["attempts"] == 0  # letting go is no attempt given back
+
+
 @contextlib.asynccontextmanager
 async def other_replica(
     telemetry: Telemetry, mongo_uri: str, seen: SeenCommands
