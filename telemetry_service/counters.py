@@ -32,6 +32,11 @@ EVENTS_SET_ASIDE = Gauge(
     "swamp_ingest_events_set_aside",
     "Events set aside now, waiting for an operator (swamp-club events dead); read at scrape",
 )
+BURST_REFRESHES_DELAYED = Counter(
+    "swamp_ingest_burst_refreshes_delayed_total",
+    "Score refreshes published to wait SCORE_REFRESH_BURST_DELAY_SECONDS: their user's events "
+    "in a batch came at SCORE_REFRESH_BURST_EVENTS_PER_SECOND or faster",
+)
 PROJECTION_WRITES = Counter(
     "swamp_projection_writes_total",
     "username_metrics writes (each publishes a refresh)",

@@ -35,6 +35,23 @@ class TelemetrySettings(BusSettings):
         "batch holds them (which made one of the two rerun), and the events arriving meanwhile "
         "join the next batch. Adds at most this to an event's lag; 0 turns it off.",
     )
+    score_refresh_burst_events_per_second: float = Field(
+        default=100.0,
+        alias="SCORE_REFRESH_BURST_EVENTS_PER_SECOND",
+        ge=0,
+        description="A user whose events in one watcher batch arrived at this rate or faster "
+        "(over a second at the least) is in a burst: their score refresh waits "
+        "SCORE_REFRESH_BURST_DELAY_SECONDS, and the batches meanwhile coalesce into it. "
+        "0 turns it off.",
+    )
+    score_refresh_burst_delay_seconds: float = Field(
+        default=2.0,
+        alias="SCORE_REFRESH_BURST_DELAY_SECONDS",
+        ge=0,
+        le=60,
+        description="How long a bursting user's new score refresh waits before the app may "
+        "claim it: what a burst adds to that user's lag. 0 turns it off.",
+    )
     ingest_lease_seconds: float = Field(default=60.0, alias="INGEST_LEASE_SECONDS", gt=0)
     ingest_poll_interval_seconds: float = Field(
         default=1.0, alias="INGEST_POLL_INTERVAL_SECONDS", gt=0

@@ -83,6 +83,10 @@ WAKE_PIPELINE: list[dict[str, Any]] = [
 HELD_RECHECK_SECONDS = 0.2
 
 
+#: The least a consumer sleeps for a message about to become available (clocks are not exact).
+SHORTEST_SLEEP_SECONDS = 0.01
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -159,10 +163,7 @@ class Consumer:
             claims = await self._try_claim()
             if not claims:
                 slots.release()
-                held = self.queue.held_elsewhere
-                await self.wakeup.wait(
-                    min(HELD_RECHECK_SECONDS, self.config.poll_interval_seconds) if held else None
-                )
+                await self.wakeup.wait(self._idle_seconds())
                 continue
             task = asyncio.create_task(self._handle_claims(claims))
             self._in_flight.add(task)
@@ -172,6 +173,20 @@ class Consumer:
                 slots.release()
 
             task.add_done_callback(finished)
+
+    def _idle_seconds(self) -> float:
+        """How long to sleep when nothing was claimable: the poll interval, but a message held
+        by another transaction is looked at again soon, and one pending but not available yet
+        (a retry's backoff, a burst's delayed refresh: no change wakes anyone then) when its
+        time comes."""
+        seconds = self.config.poll_interval_seconds
+        if self.queue.held_elsewhere:
+            seconds = min(seconds, HELD_RECHECK_SECONDS)
+        upcoming = self.queue.next_available_at
+        if upcoming is not None:
+            due = (upcoming - self.queue.clock()).total_seconds()
+            seconds = min(seconds, max(due, SHORTEST_SLEEP_SECONDS))
+        return seconds
 
     async def _try_claim(self) -> list[Claim]:
         if self._stopping.is_set():

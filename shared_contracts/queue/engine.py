@@ -225,11 +225,17 @@ def behind_earlier(claims: list[Claim], unfinished: list[Document]) -> list[Clai
     ]
 
 
-def _parked(document: Document) -> bool:
+def _available_at(document: Document) -> datetime | None:
     available = document.get("availableAt")
-    if isinstance(available, datetime) and available.tzinfo is None:  # a client without tz_aware
-        available = available.replace(tzinfo=UTC)
-    return bool(available == PARKED)
+    if not isinstance(available, datetime):  # malformed: no claim's range matches it
+        return None
+    if available.tzinfo is None:  # a client without tz_aware
+        return available.replace(tzinfo=UTC)
+    return available
+
+
+def _parked(document: Document) -> bool:
+    return _available_at(document) == PARKED
 
 
 def _order_seq(document: Document) -> int:
@@ -263,6 +269,9 @@ class Queue:
         #: The messages the last claim found held by another transaction, by ordering key.
         self._held: dict[Any, Any] = {}
         self._may_be_held = any(model.HELD_BY_PUBLISHER for model in self.types.values())
+        #: When the first pending message the last claim_many saw but could not claim yet (a
+        #: retry's backoff, a burst's delayed refresh) becomes available; None if it saw none.
+        self.next_available_at: datetime | None = None
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -284,12 +293,20 @@ class Queue:
         await self.collection.insert_one(document, session=session)
 
     async def publish_many(
-        self, messages: Iterable[Message], *, session: AsyncClientSession | None = None
+        self,
+        messages: Iterable[Message],
+        *,
+        session: AsyncClientSession | None = None,
+        not_before: datetime | None = None,
     ) -> None:
         """One bulk write for many messages (the backfill's publish).
 
         Ordering keys are enforced at claim time (a message claimed ahead of an earlier one of
         its key waits again), so the bulk path needs no per-message look-up.
+
+        ``not_before``: a message stored by this publish is claimable from then on (a burst's
+        score refreshes wait for the rest of the burst). One already pending that a message
+        coalesces into keeps its own time: a publish never moves it, as it may be parked.
         """
         now = self.clock()
         operations: list[InsertOne[Document] | UpdateOne] = []
@@ -298,6 +315,8 @@ class Queue:
             document = new_document(
                 message, now=now, max_attempts=self.config.max_attempts, order_seq=time.time_ns()
             )
+            if not_before is not None and not_before > now:
+                document["availableAt"] = not_before
             metrics.PUBLISHED.labels(self.name, message.type).inc()
             if "dedupeKey" in document:
                 operations.append(UpdateOne(*self._coalescing_upsert(document), upsert=True))
@@ -450,6 +469,7 @@ class Queue:
         for (``held_elsewhere``). A batch of one is ``claim`` (one command, where latency
         matters: a revoke races the events of its key), except on a queue whose messages may be
         held: ``claim``'s single write would wait for the holder's commit."""
+        self.next_available_at = None
         if limit <= 1 and not self._may_be_held:
             claim = await self.claim(worker=worker)
             return [claim] if claim else []
@@ -481,12 +501,7 @@ class Queue:
                 )  # fmt: skip
                 self._remember_held(held[limit:])
             while (room := limit - len(claiming.claims)) > 0 and claiming.budget > 0:
-                query = (
-                    {**available, "_id": {"$nin": list(self._held)}} if self._held else available
-                )
-                candidates = await self.collection.find(
-                    query, {"orderingKey": 1}, sort=[("availableAt", 1)], limit=room
-                ).to_list()  # (room > 0: a find's limit 0 is no limit)
+                candidates = await self._candidates(room, now=now)
                 if not candidates:
                     break
                 found, held_before = True, len(self._held)
@@ -506,6 +521,28 @@ class Queue:
             await self._park(claim)  # after the commit: parking promotes what may go now
         parked = {claim.id for claim in claiming.blocked}
         return found, [claim for claim in claiming.claims if claim.id not in parked]
+
+    async def _candidates(self, room: int, *, now: datetime) -> list[Document]:
+        """The next ``room`` pending messages in availableAt order, but not those held (by id),
+        and of them the ones available now. The first one not available yet is why this
+        pending range is read, not only the available one: its time is ``next_available_at``,
+        for the consumer's sleep, in the same command."""
+        query: Document = {"status": PENDING, "availableAt": {"$lt": PARKED}}
+        if self._held:
+            query["_id"] = {"$nin": list(self._held)}
+        upcoming = await self.collection.find(
+            query, {"orderingKey": 1, "availableAt": 1}, sort=[("availableAt", 1)], limit=room
+        ).to_list()  # (room > 0: a find's limit 0 is no limit)
+        ready = []
+        for document in upcoming:
+            at = _available_at(document)
+            if at is not None and at <= now:
+                ready.append(document)
+            elif at is not None:  # the first not available yet: the rest are later still
+                if self.next_available_at is None or at < self.next_available_at:
+                    self.next_available_at = at
+                break
+        return ready
 
     @property
     def held_elsewhere(self) -> int:

@@ -56,6 +56,7 @@ from telemetry_service.identity.store import bind_devices
 from telemetry_service.ingest.arrival import number_unsequenced
 from telemetry_service.ingest.schemas import CliEvent
 from telemetry_service.processing import progress as main_line
+from telemetry_service.processing.bursts import bursting_users
 from telemetry_service.projection.writer import write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -661,6 +662,7 @@ class IngestWatcher:
             reasons=reasons,
             session=session,
             events_received_at=max((e.received_at for e in ready), default=None),
+            refreshes_not_before=self._burst_delays(ready, written),
         )
         failpoints.hit(BEFORE_MARK_PROCESSED)
         await finish(session, ready)
@@ -668,6 +670,23 @@ class IngestWatcher:
             {i: why for i, why in split.unattributed.items() if i not in held}, session
         )
         failpoints.hit(BEFORE_COMMIT)
+
+    def _burst_delays(
+        self, ready: list[AttributedEvent], written: DeviceWrite
+    ) -> dict[str, datetime]:
+        """When the refreshes of the users in a burst may be claimed (processing/bursts.py)."""
+        delay = self.settings.score_refresh_burst_delay_seconds
+        if not delay:
+            return {}
+        users = bursting_users(
+            ready,
+            owners=written.owners,
+            events_per_second=self.settings.score_refresh_burst_events_per_second,
+        )
+        if users:
+            counters.BURST_REFRESHES_DELAYED.inc(len(users))
+        at = datetime.now(UTC) + timedelta(seconds=delay)
+        return dict.fromkeys(users, at)
 
     async def _behind_earlier_keyed_events(
         self,

@@ -12,6 +12,7 @@ write, one bulk publish.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +75,7 @@ async def write_projections(
     inputs: ProjectionInputs | None = None,
     legacy_versions: Mapping[str, int] | None = None,
     events_received_at: datetime | None = None,
+    refreshes_not_before: Mapping[str, datetime] | None = None,
 ) -> int:
     """Recompute and write the projection of each userId in ``reasons``, publishing each one's
     refresh. Users without an identity entry have nothing to project and are skipped.
@@ -81,7 +83,9 @@ async def write_projections(
     ``legacy_versions`` is only for the upgrade from the username-keyed layout: the versions
     the app may already have applied, which the new projection must exceed (I9).
     ``events_received_at`` (the newest event behind an ingest write) lets the app measure the
-    lag from event receipt to score applied. Returns the number of projections written.
+    lag from event receipt to score applied. ``refreshes_not_before``: users whose refresh,
+    if it is a new pending one, the app may claim only from then on (processing/bursts.py).
+    Returns the number of projections written.
     """
     user_ids = sorted(reasons)
     if not user_ids:
@@ -130,8 +134,22 @@ async def write_projections(
         counters.PROJECTION_WRITES.labels(reasons[user_id]).inc()
     if writes:
         await db[USERNAME_METRICS].bulk_write(writes, ordered=True, session=session)
-        await refreshes.publish_many(messages, session=session)
+        await _publish(refreshes, messages, refreshes_not_before or {}, session)
     return len(writes)
+
+
+async def _publish(
+    refreshes: Queue,
+    messages: list[ScoreRefresh],
+    not_before: Mapping[str, datetime],
+    session: AsyncClientSession,
+) -> None:
+    """One bulk publish for the refreshes due at once, one for each later time (a burst's)."""
+    by_time: dict[datetime | None, list[ScoreRefresh]] = defaultdict(list)
+    for message in messages:
+        by_time[not_before.get(message.userId)].append(message)
+    for at, due in by_time.items():
+        await refreshes.publish_many(due, session=session, not_before=at)
 
 
 async def _release_changed_names(
