@@ -24,6 +24,7 @@ from typing import Any
 
 import bson
 import httpx
+from prometheus_client import REGISTRY
 
 from bench.common import (
     Baseline,
@@ -85,6 +86,7 @@ class Run:
     server_time: str = ""
     bytes_per_event: float | None = None  # a stored event's BSON size, on average
     conflicts: str = ""  # write conflicts met by the services' statements
+    delayed: int = 0  # refreshes published to wait out a user's burst (processing/bursts.py)
 
     @property
     def rate(self) -> float:
@@ -182,6 +184,12 @@ async def leftovers(p: Pipeline) -> str:
     )
 
 
+def delayed_refreshes() -> int:
+    """Refreshes the watcher published to wait out a burst, so far (the services run in this
+    process: their Prometheus counter)."""
+    return int(REGISTRY.get_sample_value("swamp_ingest_burst_refreshes_delayed_total") or 0)
+
+
 async def watcher_batches(p: Pipeline) -> int:
     """Batches the watcher's main line committed so far (its progress document counts them)."""
     progress = await p.observer[p.telemetry.telemetry_db][PROGRESS].find_one({"_id": MAIN_LINE})
@@ -217,6 +225,7 @@ async def traffic(
                 requests = population.requests(events)
                 measured = {e["insert_id"] for r in requests for e in r.events}
                 batches_before = await watcher_batches(p)
+                delayed_before = delayed_refreshes()
                 counter.reset()
                 cpu, profile = CpuShare(uri), ServerProfile(uri)
                 started = datetime.now(UTC)
@@ -226,6 +235,7 @@ async def traffic(
                 work, get_more = counter.snapshot()
                 by_command = dict(counter.by_target.most_common())
                 conflicts = counter.conflicts_text()
+                delayed = delayed_refreshes() - delayed_before
             # The services are stopped, their change streams closed: measure from the database.
             run = await measure(p, population, measured, started)
             run.batches = await watcher_batches(p) - batches_before
@@ -244,6 +254,7 @@ async def traffic(
     )  # fmt: skip
     run.mix = population.mix(requests)
     run.cpu, run.server_time, run.conflicts = cpu_shares, server_time, conflicts
+    run.delayed = delayed
     if rate:
         run.offered_rate = events / ingest_seconds
     return run
@@ -336,6 +347,8 @@ def add_run(results: Results, label: str, run: Run, baseline: Baseline | None) -
     results.add(
         f"{label}: watcher batches / score applications", f"{run.batches} / {run.applications}"
     )
+    results.add(f"{label}: refresh publishes with a burst's delay (most into one already waiting)",
+                run.delayed)  # fmt: skip
     results.add(f"{label}: write conflicts (each aborts its transaction, which runs again)",
                 run.conflicts)  # fmt: skip
     if run.bytes_per_event is not None:

@@ -36,11 +36,11 @@ class TelemetrySettings(BusSettings):
         "join the next batch. Adds at most this to an event's lag; 0 turns it off.",
     )
     score_refresh_burst_events_per_second: float = Field(
-        default=100.0,
+        default=200.0,
         alias="SCORE_REFRESH_BURST_EVENTS_PER_SECOND",
         ge=0,
-        description="A user whose events in one watcher batch arrived at this rate or faster "
-        "(over a second at the least) is in a burst: their score refresh waits "
+        description="A user whose events arrived at this rate or faster over the last 2 "
+        "seconds (by receipt) is in a burst: their new score refresh waits "
         "SCORE_REFRESH_BURST_DELAY_SECONDS, and the batches meanwhile coalesce into it. "
         "0 turns it off.",
     )

@@ -56,7 +56,7 @@ from telemetry_service.identity.store import bind_devices
 from telemetry_service.ingest.arrival import number_unsequenced
 from telemetry_service.ingest.schemas import CliEvent
 from telemetry_service.processing import progress as main_line
-from telemetry_service.processing.bursts import bursting_users
+from telemetry_service.processing.bursts import BurstWatch
 from telemetry_service.projection.writer import write_projections
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -195,6 +195,9 @@ class IngestWatcher:
         self._aside_looked = -float("inf")
         #: Another replica held the main line at this worker's last try.
         self._lease_elsewhere = False
+        self.bursts = BurstWatch(
+            events_per_second=self.settings.score_refresh_burst_events_per_second
+        )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -678,11 +681,7 @@ class IngestWatcher:
         delay = self.settings.score_refresh_burst_delay_seconds
         if not delay:
             return {}
-        users = bursting_users(
-            ready,
-            owners=written.owners,
-            events_per_second=self.settings.score_refresh_burst_events_per_second,
-        )
+        users = self.bursts.bursting(ready, owners=written.owners)
         if users:
             counters.BURST_REFRESHES_DELAYED.inc(len(users))
         at = datetime.now(UTC) + timedelta(seconds=delay)
