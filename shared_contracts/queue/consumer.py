@@ -173,6 +173,16 @@ class Consumer:
                 slots.release()
 
             task.add_done_callback(finished)
+            if self._nothing_left():
+                # The claim read every pending message: claiming again now would find nothing
+                # (a command per batch). Wait for news instead; what came since the claim
+                # began has set the wake-up already, and ends this wait at once.
+                await self.wakeup.wait(self._idle_seconds())
+
+    def _nothing_left(self) -> bool:
+        """Whether the last claim left nothing to claim until a change is reported: it read the
+        whole pending range, held nothing back, and a change stream is there to report."""
+        return self.queue.saw_every_pending and not self.queue.held_elsewhere and self.wakeup.active
 
     def _idle_seconds(self) -> float:
         """How long to sleep when nothing was claimable: the poll interval, but a message held

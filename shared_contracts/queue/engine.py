@@ -234,6 +234,22 @@ def _available_at(document: Document) -> datetime | None:
     return available
 
 
+def _one_pending_per_key(document: Document) -> bool:
+    """Whether the message's ordering key is its dedupe key: then it is its key's only
+    pending message while it is pending."""
+    key = document.get("orderingKey")
+    return isinstance(key, str) and document.get("dedupeKey") == key
+
+
+def _claimed_by(document: Document, token: str, ids: set[Any]) -> bool:
+    """Whether a document read in a claim's transaction is one of its claims."""
+    return bool(
+        document["_id"] in ids
+        and document.get("claimToken") == token
+        and document.get("status") == ACTIVE
+    )
+
+
 def _parked(document: Document) -> bool:
     return _available_at(document) == PARKED
 
@@ -272,6 +288,9 @@ class Queue:
         #: When the first pending message the last claim_many saw but could not claim yet (a
         #: retry's backoff, a burst's delayed refresh) becomes available; None if it saw none.
         self.next_available_at: datetime | None = None
+        #: Whether the last claim_many read every pending message there was (but those held):
+        #: then another claim finds something only after a change (Consumer's wake-up).
+        self.saw_every_pending = False
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -395,6 +414,7 @@ class Queue:
         *,
         statuses: tuple[str, ...] = UNFINISHED,
         session: AsyncClientSession | None = None,
+        whole: bool = False,
     ) -> list[Document]:
         """The unfinished messages of these ordering keys, one indexed read per status: the
         embedded server plans equality fields and one $in (tests/test_embedded_gaps.py), so
@@ -409,16 +429,20 @@ class Queue:
             found: list[Document] = []
 
             async def read(snapshot: AsyncClientSession) -> None:
-                found[:] = await self._unfinished(wanted, statuses=statuses, session=snapshot)
+                found[:] = await self._unfinished(
+                    wanted, statuses=statuses, session=snapshot, whole=whole
+                )
 
             await mongo.in_transaction(self.collection.database.client, read)
             return found
+        fields = None if whole else {"status": 1, "orderingKey": 1, "orderSeq": 1, "availableAt": 1}
         found = []
         for status in statuses:
             found += await self.collection.find(
                 {"status": status, "orderingKey": {"$in": wanted}},
-                {"status": 1, "orderingKey": 1, "orderSeq": 1, "availableAt": 1},
+                fields,
                 session=session,
+                batch_size=mongo.MAX_IN_IDS,  # a claim's and other workers': no getMore
             ).to_list()
         return found
 
@@ -461,15 +485,15 @@ class Queue:
 
     async def claim_many(self, *, worker: str, limit: int) -> list[Claim]:
         """Lease up to ``limit`` available messages under one token: a few commands however
-        many (their ids, then one transaction: the ordering check, the update_many, the claimed
-        documents read back, the commit), where ``claim`` costs one per message. Messages
+        many (their ids, then one transaction: the update_many, the ordering check or the
+        claimed documents read back, the commit), where ``claim`` costs one per message. Messages
         whose claim was lost to a concurrent worker between the first two are simply not in
         the answer. Ordering keys hold as in ``claim``, with one read per status for the whole
         batch. Messages held by another transaction are left for a later claim, not waited
         for (``held_elsewhere``). A batch of one is ``claim`` (one command, where latency
         matters: a revoke races the events of its key), except on a queue whose messages may be
         held: ``claim``'s single write would wait for the holder's commit."""
-        self.next_available_at = None
+        self.next_available_at, self.saw_every_pending = None, False
         if limit <= 1 and not self._may_be_held:
             claim = await self.claim(worker=worker)
             return [claim] if claim else []
@@ -531,8 +555,12 @@ class Queue:
         if self._held:
             query["_id"] = {"$nin": list(self._held)}
         upcoming = await self.collection.find(
-            query, {"orderingKey": 1, "availableAt": 1}, sort=[("availableAt", 1)], limit=room
+            query,
+            {"orderingKey": 1, "dedupeKey": 1, "availableAt": 1},
+            sort=[("availableAt", 1)],
+            limit=room,
         ).to_list()  # (room > 0: a find's limit 0 is no limit)
+        self.saw_every_pending = len(upcoming) < room
         ready = []
         for document in upcoming:
             at = _available_at(document)
@@ -591,19 +619,27 @@ class Queue:
         self, claiming: _Claiming, candidates: list[Document], *, attempts: int
     ) -> None:
         ids = [document["_id"] for document in candidates]
+        wanted = set(ids)
         keys = sorted({k for d in candidates if isinstance(k := d.get("orderingKey"), str)})
+        # Every candidate keyed: the claimed ones are among the active messages of their keys,
+        # and the ordering check's read of those returns them whole, in place of a read-back.
+        keyed = len(keys) > 0 and all(isinstance(d.get("orderingKey"), str) for d in candidates)
+        # A candidate whose dedupe key is its ordering key (score_refresh) was its key's only
+        # pending message (the unique partial index, parked ones included): no pending one of
+        # its key can be ahead of it, and only the active ones need reading.
+        statuses = (ACTIVE,) if all(map(_one_pending_per_key, candidates)) else UNFINISHED
         tries = 0
 
         async def claim_and_check(session: AsyncClientSession) -> tuple[list[Claim], list[Claim]]:
             # One transaction, one commit: the claim, then the ordering check reads the
             # unfinished messages of the candidates' keys (the claimed ones among them, active
-            # now, at the same orderSeq), then the claimed documents are read back (a
-            # coalescing publish may have replaced a payload since the candidates were found),
-            # all in one snapshot. The write first: it is what races a watcher batch's hold. A
-            # write conflict is a claim that committed first (the next attempt claims what is
-            # left) or a message held by a transaction still open (HeldElsewhere once the
-            # attempts are spent). A malformed document fails the claim as a whole: nothing is
-            # claimed, and the caller sweeps it aside.
+            # now, at the same orderSeq), and the claimed documents are read (a coalescing
+            # publish may have replaced a payload since the candidates were found), all in one
+            # snapshot. The write first: it is what races a watcher batch's hold. A write
+            # conflict is a claim that committed first (the next attempt claims what is left)
+            # or a message held by a transaction still open (HeldElsewhere once the attempts
+            # are spent). A malformed document fails the claim as a whole: nothing is claimed,
+            # and the caller sweeps it aside.
             nonlocal tries
             tries += 1
             try:
@@ -616,14 +652,23 @@ class Queue:
                 if exc.code == WRITE_CONFLICT and tries >= attempts:
                     raise HeldElsewhere(f"{self.name}: {len(ids)} messages") from exc
                 raise
-            unfinished = await self._unfinished(keys, session=session) if keys else []
-            claimed = self.collection.find(
-                {"_id": {"$in": ids}, "claimToken": claiming.token, "status": ACTIVE},
-                sort=[("availableAt", 1)],
-                batch_size=len(ids) + 1,
-                session=session,
-            )
-            claims = [Claim(id=d["_id"], token=claiming.token, document=d) async for d in claimed]
+            if keyed:
+                unfinished = await self._unfinished(
+                    keys, statuses=statuses, session=session, whole=True
+                )
+                claimed = sorted(
+                    (d for d in unfinished if _claimed_by(d, claiming.token, wanted)),
+                    key=lambda d: _available_at(d) or PARKED,
+                )
+            else:
+                unfinished = await self._unfinished(keys, session=session) if keys else []
+                claimed = await self.collection.find(
+                    {"_id": {"$in": ids}, "claimToken": claiming.token, "status": ACTIVE},
+                    sort=[("availableAt", 1)],
+                    batch_size=len(ids) + 1,
+                    session=session,
+                ).to_list()
+            claims = [Claim(id=d["_id"], token=claiming.token, document=d) for d in claimed]
             return claims, behind_earlier(claims, unfinished)
 
         claims, blocked = await mongo.in_transaction(

@@ -61,14 +61,36 @@ async def test_the_ordering_check_of_a_batch_shares_the_claim_s_commit(
 ) -> None:
     """Messages with ordering keys: the check reads the unfinished ones of their keys (one read
     per status) inside the claim's transaction, after its write (the claim's first statement,
-    which races a watcher batch's hold), not in a snapshot of its own."""
+    which races a watcher batch's hold), not in a snapshot of its own. The claimed messages are
+    among the active ones it reads: no read-back."""
     await jobs.publish_many(Job(n=n, key=f"k{n % 3}") for n in range(6))
     async with counting(jobs, mongo_uri) as (queue, commands):
         claims = await queue.claim_many(worker="w", limit=10)
         assert sorted(c.document["n"] for c in claims) == [0, 1, 2]  # the first of each key
         claim_commands = commands.names()[: commands.names().index("commitTransaction") + 1]
-        # ids; then the claim, the check (active, pending), the read-back and the one commit
-        assert claim_commands == ["find", "update", "find", "find", "find", "commitTransaction"]
+        # ids; then the claim, the check (active, pending) and the one commit
+        assert claim_commands == ["find", "update", "find", "find", "commitTransaction"]
+        assert all(c.document["status"] == "active" and "attempts" in c.document for c in claims)
+
+
+async def test_a_batch_of_refreshes_is_claimed_in_four_commands(
+    events: Queue, mongo_uri: str
+) -> None:
+    """A refresh's ordering key is its dedupe key: it was its user's only pending message, so
+    the check reads only the active ones of its users, which hold the claimed refreshes whole."""
+    await events.publish_many(
+        ScoreRefresh(userId=f"u{n}", username=None, reason="ingest", projectionVersion=1 + n,
+                     snapshot={"n": n})
+        for n in range(5)
+    )  # fmt: skip
+    async with counting(events, mongo_uri) as (queue, commands):
+        claims = await queue.claim_many(worker="w", limit=10)
+        assert commands.names() == ["find", "update", "find", "commitTransaction"]
+    assert sorted(c.document["snapshot"]["n"] for c in claims) == list(range(5))
+    assert {c.document["claimToken"] for c in claims} == {claims[0].token}
+    assert [c.document["availableAt"] for c in claims] == sorted(
+        c.document["availableAt"] for c in claims
+    )
 
 
 async def test_a_batch_keeps_ordering_keys(jobs: Queue) -> None:

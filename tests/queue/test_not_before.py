@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared_contracts.messages import ScoreRefresh, score_refresh_key
+from shared_contracts.mongo import make_client
 from shared_contracts.queue.consumer import Consumer, Delivery
 from shared_contracts.queue.documents import PARKED, PENDING
 from shared_contracts.queue.engine import Queue
 from tests.queue.conftest import FAST, Job
-from tests.support import eventually
+from tests.support import SeenFilters, eventually
 
 T0 = datetime(2026, 12, 4, 12, tzinfo=UTC)
 
@@ -136,3 +137,48 @@ async def test_a_consumer_sleeps_until_a_waiting_message_s_time_not_a_poll_inter
 
 async def _handled(handled: list[Any]) -> bool:
     return bool(handled)
+
+
+async def test_a_claim_that_read_every_pending_message_is_not_followed_by_an_empty_one(
+    jobs: Queue, mongo_uri: str
+) -> None:
+    """With a change stream to report news, a consumer whose claim read the whole pending range
+    waits for news instead of claiming again at once (which found nothing: a command per
+    batch); what arrives meanwhile is still claimed at once."""
+    filters = SeenFilters()
+    client: Any = make_client(mongo_uri, app_name="no-empty-claim", event_listeners=[filters])
+    config = replace(FAST, poll_interval_seconds=30.0)
+    queue = Queue(client[jobs.collection.database.name][jobs.name], config=config,
+                  types=jobs.types)  # fmt: skip
+    handled: list[int] = []
+
+    async def handle_batch(deliveries: list[Delivery]) -> None:
+        handled.extend(d.message.n for d in deliveries if isinstance(d.message, Job))
+
+    async def handle(delivery: Delivery) -> None:
+        raise AssertionError("a batch consumer handles one at a time only after a failure")
+
+    def candidate_reads() -> int:
+        return sum(1 for name, f in filters.filters if name == jobs.name and "availableAt" in f
+                   and f.get("status") == PENDING and "_id" not in f)  # fmt: skip
+
+    consumer = Consumer(queue, handle, worker="w", batch_handler=handle_batch, batch_size=10)
+    running = asyncio.create_task(consumer.run())
+    try:
+        await eventually(lambda: _true(consumer.change_stream_active))
+        await asyncio.sleep(0.3)  # its first claim found nothing; it waits for news
+        before = candidate_reads()
+        await jobs.publish(Job(n=1))
+        await eventually(lambda: _true(handled == [1]))
+        await asyncio.sleep(0.5)
+        assert candidate_reads() == before + 1  # the claim that found it, and none after
+        await jobs.publish(Job(n=2))  # news while it waits: claimed at once
+        await eventually(lambda: _true(handled == [1, 2]), within=10)
+    finally:
+        consumer.stop(grace_seconds=1)
+        await asyncio.wait_for(running, timeout=10)
+        await client.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
