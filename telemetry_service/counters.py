@@ -34,8 +34,8 @@ EVENTS_SET_ASIDE = Gauge(
 )
 BURST_REFRESHES_DELAYED = Counter(
     "swamp_ingest_burst_refreshes_delayed_total",
-    "Score refreshes published to wait SCORE_REFRESH_BURST_DELAY_SECONDS: their user's events "
-    "in a batch came at SCORE_REFRESH_BURST_EVENTS_PER_SECOND or faster",
+    "Score refreshes published to wait SCORE_REFRESH_BURST_DELAY_SECONDS (per batch attempt): "
+    "their user's events came at SCORE_REFRESH_BURST_EVENTS_PER_SECOND or faster",
 )
 PROJECTION_WRITES = Counter(
     "swamp_projection_writes_total",

@@ -325,7 +325,10 @@ class Queue:
 
         ``not_before``: a message stored by this publish is claimable from then on (a burst's
         score refreshes wait for the rest of the burst). One already pending that a message
-        coalesces into keeps its own time: a publish never moves it, as it may be parked.
+        coalesces into keeps its own time: a publish never moves it, as it may be parked. On
+        a queue ordered without a dedupe key, a waiting message parked behind an earlier one
+        of its key goes when its turn comes, its time forgotten, as a retry's backoff is;
+        score_refresh has one pending message per user, never parked behind another.
         """
         now = self.clock()
         operations: list[InsertOne[Document] | UpdateOne] = []
@@ -561,6 +564,8 @@ class Queue:
             limit=room,
         ).to_list()  # (room > 0: a find's limit 0 is no limit)
         self.saw_every_pending = len(upcoming) < room
+        if now.tzinfo is None:  # a clock without tz_aware: the server reads it as UTC
+            now = now.replace(tzinfo=UTC)
         ready = []
         for document in upcoming:
             at = _available_at(document)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from telemetry_service.devices.store import AttributedEvent
 
@@ -28,16 +28,19 @@ WINDOW_SECONDS = 2.0
 
 
 class BurstWatch:
-    """The receipt times of each user's events applied lately (the last ``WINDOW_SECONDS``),
-    kept by the watcher between its batches. In memory: a replica that takes the main line over
-    starts with an empty window and, for its first seconds, delays less, never more."""
+    """The receipt times of each user's events seen lately (the last ``WINDOW_SECONDS`` before
+    the user's newest), kept by the watcher between its batches. In memory: a replica that takes
+    the main line over starts with an empty window and, for its first seconds, delays less,
+    never more."""
 
     def __init__(self, *, events_per_second: float, window_seconds: float = WINDOW_SECONDS):
         self.threshold = events_per_second * window_seconds
         self.window = timedelta(seconds=window_seconds)
-        #: userId -> batch -> receipt times. By batch, so that a batch tried again (a write
-        #: conflict reruns its transaction) replaces its own times instead of adding them twice.
-        self._seen: dict[str, dict[str, list[datetime]]] = defaultdict(dict)
+        #: userId -> event id -> receipt time. By event id: a batch's transaction that runs
+        #: again (a write conflict), or is cut in halves around a failing event, sees its events
+        #: again, and each must count once (counted per attempt, one bad event in a batch made
+        #: its calm neighbours a burst: tests/telemetry/test_bursts.py).
+        self._seen: dict[str, dict[str, datetime]] = {}
 
     def bursting(self, events: Iterable[AttributedEvent], *, owners: Mapping[str, str]) -> set[str]:
         """Record a batch's events and return its users who are in a burst: at least
@@ -46,27 +49,30 @@ class BurstWatch:
         device's owner (``owners``), as the fold counts them. A rate of 0: nobody."""
         if self.threshold <= 0:
             return set()
-        batch: dict[str, list[AttributedEvent]] = defaultdict(list)
+        batch: dict[str, dict[str, datetime]] = defaultdict(dict)
         for event in events:
             if user := event.user_id or owners.get(event.device):
-                batch[user].append(event)
+                batch[user][event.id] = event.received_at
         if not batch:
             return set()
-        newest = max(e.received_at for mine in batch.values() for e in mine)
-        self._forget_before(newest - self.window)
         found = set()
         for user, mine in batch.items():
-            self._seen[user][min(e.id for e in mine)] = [e.received_at for e in mine]
-            times = [t for batch_times in self._seen[user].values() for t in batch_times]
-            since = max(times) - self.window
-            if sum(1 for t in times if t >= since) >= self.threshold:
+            seen = self._seen.setdefault(user, {})
+            seen.update(mine)
+            # Each user's window ends at their own newest event: one event stamped ahead (an
+            # ingest replica's clock) moves no one else's.
+            since = max(seen.values()) - self.window
+            self._seen[user] = seen = {i: t for i, t in seen.items() if t >= since}
+            if len(seen) >= self.threshold:
                 found.add(user)
+        self._forget_quiet(
+            min(datetime.now(UTC), max(t for mine in batch.values() for t in mine.values()))
+        )
         return found
 
-    def _forget_before(self, cutoff: datetime) -> None:
-        for user in list(self._seen):
-            batches = self._seen[user]
-            for key in [k for k, times in batches.items() if max(times) < cutoff]:
-                del batches[key]
-            if not batches:
-                del self._seen[user]
+    def _forget_quiet(self, now: datetime) -> None:
+        """Users with nothing received in the window before ``now`` (the batch's newest event,
+        never past the clock): memory stays bounded by the users active in the last window."""
+        cutoff = now - self.window
+        for user in [u for u, seen in self._seen.items() if max(seen.values()) < cutoff]:
+            del self._seen[user]

@@ -4,6 +4,7 @@ waits SCORE_REFRESH_BURST_DELAY_SECONDS, and the batches meanwhile coalesce into
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from shared_contracts.queue.documents import PENDING
 from telemetry_service.devices.store import AttributedEvent
 from telemetry_service.ingest.schemas import CliEvent
+from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.bursts import BurstWatch
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
@@ -62,6 +64,29 @@ def test_a_burst_is_judged_across_batches_and_a_batch_tried_again_counts_once() 
     assert bursts.bursting(events("u", "d", 250, over=0.3, start=0.5), owners={}) == {"u"}
     # Three seconds later, what came before is out of the window.
     assert bursts.bursting(events("u", "d", 250, over=0.3, start=3.5), owners={}) == set()
+
+
+def test_a_batch_cut_in_halves_or_tried_again_with_fewer_events_counts_each_event_once() -> None:
+    """What the watcher does with a batch that fails after its users were judged (the whole,
+    then its halves, around a failing event) or whose rerun finds fewer events ready: 300
+    events in 0.3 s stay below 400 in 2 s however often they are seen."""
+    bursts = watch()
+    batch = events("u", "d", 300, over=0.3)
+    batch.reverse()  # the smallest id last: ids are the client's
+    assert bursts.bursting(batch, owners={}) == set()  # the whole: aborted
+    assert bursts.bursting(batch[:150], owners={}) == set()
+    assert bursts.bursting(batch[150:], owners={}) == set()
+    assert bursts.bursting(batch[1:], owners={}) == set()
+
+
+def test_one_event_stamped_ahead_moves_no_one_else_s_window() -> None:
+    """receivedAt is the receiving ingest replica's clock: one event an hour ahead (a replica
+    whose clock is off) in a batch must not drop the other users' windows."""
+    bursts = watch()
+    assert bursts.bursting(events("u", "d", 250, over=0.3), owners={}) == set()
+    ahead = events("x", "skewed", 1, over=0.0, start=3600.0)
+    later = events("u", "d", 250, over=0.3, start=0.5)
+    assert bursts.bursting(ahead + later, owners={}) == {"u"}
 
 
 def test_ordinary_traffic_bunched_into_one_batch_is_no_burst() -> None:
@@ -127,6 +152,36 @@ async def test_a_burst_user_s_refresh_waits_and_the_next_batches_coalesce_into_i
     assert after["availableAt"] == waiting["availableAt"]
     assert after["projectionVersion"] == waiting["projectionVersion"] + 1
     assert after["snapshot"]["successCount"] == 480
+
+
+async def test_a_failing_event_does_not_make_its_calm_neighbour_a_burst(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 events of one user (below 400 in 2 s) share a batch with another user's event whose
+    projection cannot be written: the batch is moved aside and cut in halves to isolate it
+    (I11), and every attempt sees the calm user's events again. They count once: the calm
+    user's refresh goes at once."""
+    calm, calm_key = await telemetry.register("calm")
+    poison, poison_key = await telemetry.register("poison")
+    await app_applies_what_is_available(telemetry)
+    real = watcher_module.write_projections
+
+    async def write_projections(**kwargs: Any) -> int:
+        if poison in kwargs["reasons"]:
+            raise ValueError("this user's projection cannot be written")
+        return int(await real(**kwargs))
+
+    monkeypatch.setattr(watcher_module, "write_projections", write_projections)
+    ids = [str(uuid.UUID(int=10**9 - n)) for n in range(300)]  # the smallest id last
+    await telemetry.post({"events": [cli_event("calm-dev", event_id=i) for i in ids]}, calm_key)
+    await telemetry.post({"events": [cli_event("poison-dev")]}, poison_key)
+    watcher = replica(telemetry, ingest_batch_size=1000, ingest_max_batch_size=1000,
+                      score_refresh_burst_delay_seconds=30.0)  # fmt: skip
+    await watcher.drain()
+
+    refresh = await pending_refresh(telemetry, calm)
+    assert refresh["snapshot"]["successCount"] == 300
+    assert refresh["availableAt"] <= datetime.now(UTC) + timedelta(seconds=1)
 
 
 @pytest.mark.parametrize("off", [{"score_refresh_burst_events_per_second": 0.0},
