@@ -47,6 +47,10 @@ class Message(BaseModel):
     #: A transaction of the publisher may hold a pending one of these while it runs
     #: (Queue.hold_pending): claims of this type never wait for one (Queue.claim_many).
     HELD_BY_PUBLISHER: ClassVar[bool] = False
+    #: Its dedupe key is its ordering key: a pending one is its key's only pending message, so
+    #: a claim's order check need not read pending ones (Queue._claim_in_one_transaction).
+    #: Only where every type on the queue says so: another type's message may share the key.
+    DEDUPED_BY_ORDERING_KEY: ClassVar[bool] = False
 
     type: str
     schemaVersion: int = 1
@@ -147,6 +151,7 @@ class ScoreRefresh(Message):
     SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({2})
     #: A watcher batch holds the pending refresh of each user it may re-project.
     HELD_BY_PUBLISHER: ClassVar[bool] = True
+    DEDUPED_BY_ORDERING_KEY: ClassVar[bool] = True
     type: Literal["score_refresh"] = "score_refresh"
     schemaVersion: Literal[2] = 2
     userId: UserId

@@ -285,6 +285,9 @@ class Queue:
         #: The messages the last claim found held by another transaction, by ordering key.
         self._held: dict[Any, Any] = {}
         self._may_be_held = any(model.HELD_BY_PUBLISHER for model in self.types.values())
+        self._deduped_by_ordering_key = bool(self.types) and all(
+            model.DEDUPED_BY_ORDERING_KEY for model in self.types.values()
+        )
         #: When the first pending message the last claim_many saw but could not claim yet (a
         #: retry's backoff, a burst's delayed refresh) becomes available; None if it saw none.
         self.next_available_at: datetime | None = None
@@ -629,10 +632,13 @@ class Queue:
         # Every candidate keyed: the claimed ones are among the active messages of their keys,
         # and the ordering check's read of those returns them whole, in place of a read-back.
         keyed = len(keys) > 0 and all(isinstance(d.get("orderingKey"), str) for d in candidates)
-        # A candidate whose dedupe key is its ordering key (score_refresh) was its key's only
-        # pending message (the unique partial index, parked ones included): no pending one of
-        # its key can be ahead of it, and only the active ones need reading.
-        statuses = (ACTIVE,) if all(map(_one_pending_per_key, candidates)) else UNFINISHED
+        # On a queue whose every type is deduplicated by its ordering key (score_refresh), a
+        # candidate whose dedupe key is its ordering key was its key's only pending message
+        # (the unique partial index, parked ones included): no pending one of its key can be
+        # ahead of it, and only the active ones need reading. Not where another type may share
+        # the key: its pending message, waiting out a backoff, may be the earlier one.
+        one_pending = self._deduped_by_ordering_key and all(map(_one_pending_per_key, candidates))
+        statuses = (ACTIVE,) if one_pending else UNFINISHED
         tries = 0
 
         async def claim_and_check(session: AsyncClientSession) -> tuple[list[Claim], list[Claim]]:
@@ -648,7 +654,7 @@ class Queue:
             nonlocal tries
             tries += 1
             try:
-                await self.collection.update_many(
+                result = await self.collection.update_many(
                     {**claiming.available, "_id": {"$in": ids}},
                     self._claiming(worker=claiming.worker, token=claiming.token, now=claiming.now),
                     session=session,
@@ -657,6 +663,7 @@ class Queue:
                 if exc.code == WRITE_CONFLICT and tries >= attempts:
                     raise HeldElsewhere(f"{self.name}: {len(ids)} messages") from exc
                 raise
+            claimed: list[Document] = []
             if keyed:
                 unfinished = await self._unfinished(
                     keys, statuses=statuses, session=session, whole=True
@@ -667,6 +674,10 @@ class Queue:
                 )
             else:
                 unfinished = await self._unfinished(keys, session=session) if keys else []
+            if len(claimed) != result.modified_count:
+                # Not keyed, or a claimed one is not under the key it was found with (its
+                # ordering key changed meanwhile: an operator's edit): read them back by id, so
+                # that nothing claimed is left out of the answer to sit out its lease.
                 claimed = await self.collection.find(
                     {"_id": {"$in": ids}, "claimToken": claiming.token, "status": ACTIVE},
                     sort=[("availableAt", 1)],

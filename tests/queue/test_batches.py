@@ -612,3 +612,41 @@ async def test_a_claim_among_many_held_messages_spends_a_bounded_number_of_trans
     while more := await jobs.claim_many(worker="w", limit=100):
         rest += more
     assert claimed | {c.document["n"] for c in rest} == set(range(100))
+
+
+async def test_a_refresh_waits_behind_an_earlier_message_of_another_type_of_its_key(
+    events: Queue,
+) -> None:
+    """The claim reads pending messages of a refresh's key only where another type may share
+    it: here a message of its key without a dedupe key, published first and waiting out its
+    retry's backoff, goes before a refresh of the same key published after it."""
+    config = replace(FAST, backoff_base_seconds=60, backoff_max_seconds=60)
+    queue = Queue(events.collection, config=config, types={**events.types, "job": Job})
+    key = score_refresh_key("u1")
+    await queue.publish(Job(n=1, key=key))
+    [first] = await queue.claim_many(worker="w", limit=10)
+    assert await queue.fail(first, RuntimeError("boom"))  # pending again, after its backoff
+    await queue.publish(
+        ScoreRefresh(userId="u1", username=None, reason="ingest", projectionVersion=1,
+                     snapshot={})
+    )  # fmt: skip
+    assert await queue.claim_many(worker="w", limit=10) == []
+
+
+async def test_a_claimed_message_is_handed_out_even_if_its_ordering_key_changed_meanwhile(
+    jobs: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claimed messages are picked from the active ones of the keys they were found with;
+    one whose key changed in between (an operator's edit) is read back by id, not left active
+    and unanswered until its lease runs out."""
+    await jobs.publish(Job(n=1, key="k"))
+    real = jobs._candidates
+
+    async def candidates(room: int, *, now: Any) -> list[Any]:
+        found = await real(room, now=now)
+        await mongo.update_all(jobs.collection, {}, {"$unset": {"orderingKey": ""}})
+        return found
+
+    monkeypatch.setattr(jobs, "_candidates", candidates)
+    claims = await jobs.claim_many(worker="w", limit=10)
+    assert [c.document["n"] for c in claims] == [1]
