@@ -3,9 +3,10 @@ a replayed spool) gets one score refresh for a stretch of the burst, not one per
 
 Each watcher batch publishes one refresh per user it changed, and the app applies each as soon
 as it can: a 10,000-event burst for one user came to 36 batches and 36 score applications in 9
-seconds (bench/RESULTS.md), each a new scoreHistory entry. A burst user's refresh is therefore
-published not claimable before ``SCORE_REFRESH_BURST_DELAY_SECONDS``; the batches that follow
-coalesce into it (one pending refresh per user), and the app applies the newest snapshot once.
+seconds (bench/RESULTS.md at 63eb7bd), each a new scoreHistory entry. A burst user's refresh
+is therefore published not claimable before ``SCORE_REFRESH_BURST_DELAY_SECONDS``; the batches
+that follow coalesce into it (one pending refresh per user), and the app applies the newest
+snapshot once.
 Everyone else's refreshes go at once, so the delay is paid only by the user whose own traffic
 is the burst.
 
