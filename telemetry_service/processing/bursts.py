@@ -13,7 +13,11 @@ is the burst.
 A burst is judged over the last ``WINDOW_SECONDS`` of a user's events by receipt time, across
 batches, not within one batch: a batch covers a fraction of a second, in which an ordinary
 user's requests of 25 events can bunch up to several times their rate (the bench's users, at
-40 events a second, reached 100 within one batch).
+40 events a second, reached 100 within one batch). The rate is the user's events over the
+time they actually span in that window, but never less than ``SHORTEST_SPAN_SECONDS``: with
+the window's whole length as the divisor, a burst was no burst until 400 of its events had
+arrived, and its first three batches were each applied at once (bench/RESULTS.md at b2cb265:
+7 applications, 3 of them those); one second of requests bunched together is still no burst.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from telemetry_service.devices.store import AttributedEvent
 
 #: How much receipt time a burst is judged over.
 WINDOW_SECONDS = 2.0
+#: The shortest stretch a rate is judged over: at 200 events a second, 200 events (eight of the
+#: CLI's requests) within a second, from a user quiet before, are a burst; fewer are not.
+SHORTEST_SPAN_SECONDS = 1.0
 
 
 class BurstWatch:
@@ -35,7 +42,7 @@ class BurstWatch:
     never more."""
 
     def __init__(self, *, events_per_second: float, window_seconds: float = WINDOW_SECONDS):
-        self.threshold = events_per_second * window_seconds
+        self.events_per_second = events_per_second
         self.window = timedelta(seconds=window_seconds)
         #: userId -> event id -> receipt time. By event id: a batch's transaction that runs
         #: again (a write conflict), or is cut in halves around a failing event, sees its events
@@ -44,11 +51,12 @@ class BurstWatch:
         self._seen: dict[str, dict[str, datetime]] = {}
 
     def bursting(self, events: Iterable[AttributedEvent], *, owners: Mapping[str, str]) -> set[str]:
-        """Record a batch's events and return its users who are in a burst: at least
-        ``events_per_second`` x the window of their events received within the window before
-        their newest. An event counts for the user who sent it, an anonymous one for its
-        device's owner (``owners``), as the fold counts them. A rate of 0: nobody."""
-        if self.threshold <= 0:
+        """Record a batch's events and return its users who are in a burst: their events
+        received within the window before their newest came at ``events_per_second`` or faster
+        over the time they span (at least ``SHORTEST_SPAN_SECONDS``). An event counts for the
+        user who sent it, an anonymous one for its device's owner (``owners``), as the fold
+        counts them. A rate of 0: nobody."""
+        if self.events_per_second <= 0:
             return set()
         batch: dict[str, dict[str, datetime]] = defaultdict(dict)
         for event in events:
@@ -62,9 +70,10 @@ class BurstWatch:
             seen.update(mine)
             # Each user's window ends at their own newest event: one event stamped ahead (an
             # ingest replica's clock) moves no one else's.
-            since = max(seen.values()) - self.window
-            self._seen[user] = seen = {i: t for i, t in seen.items() if t >= since}
-            if len(seen) >= self.threshold:
+            newest = max(seen.values())
+            self._seen[user] = seen = {i: t for i, t in seen.items() if t >= newest - self.window}
+            span = (newest - min(seen.values())).total_seconds()
+            if len(seen) >= self.events_per_second * max(span, SHORTEST_SPAN_SECONDS):
                 found.add(user)
         self._forget_quiet(
             min(datetime.now(UTC), max(t for mine in batch.values() for t in mine.values()))
