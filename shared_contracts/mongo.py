@@ -1,14 +1,17 @@
 """The one way every process opens MongoDB, so all clients agree on time zones and codecs."""
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
 from pymongo.results import DeleteResult, UpdateResult
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def make_client(uri: str, *, app_name: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
@@ -17,14 +20,48 @@ def make_client(uri: str, *, app_name: str, **kwargs: Any) -> AsyncMongoClient[d
     return AsyncMongoClient(uri, tz_aware=True, appname=app_name, **kwargs)
 
 
+#: Follow-ups of the transactions in_transaction runs, by session: work that must see the
+#: transaction's writes committed (after_commit).
+_AFTER_COMMIT: dict[int, list[Callable[[], Awaitable[Any]]]] = {}
+
+
 async def in_transaction(
     client: AsyncMongoClient[dict[str, Any]],
     work: Callable[[AsyncClientSession], Awaitable[T]],
 ) -> T:
     """Run ``work`` in one transaction; with_transaction retries transient errors and unknown
-    commit results, so ``work`` must be safe to run again from the start."""
+    commit results, so ``work`` must be safe to run again from the start. Then the follow-ups
+    its last attempt registered (after_commit), in order."""
     async with client.start_session() as session:
-        return await session.with_transaction(work)
+        key = id(session)
+
+        async def attempt(attempt_session: AsyncClientSession) -> T:
+            _AFTER_COMMIT[key] = []  # an aborted attempt's follow-ups are not done
+            return await work(attempt_session)
+
+        try:
+            result = await session.with_transaction(attempt)
+            follow_ups = _AFTER_COMMIT.get(key, [])
+        finally:
+            _AFTER_COMMIT.pop(key, None)
+    for follow_up in follow_ups:
+        try:
+            await follow_up()
+        except PyMongoError as exc:
+            # The transaction committed: its caller must not be told it failed. Every
+            # follow-up is one a periodic task also does (Queue.reap).
+            log.warning("a follow-up of a committed transaction failed: %s", exc)
+    return result
+
+
+def after_commit(session: AsyncClientSession, follow_up: Callable[[], Awaitable[Any]]) -> bool:
+    """Run ``follow_up`` once the transaction of ``session`` has committed. False when that
+    transaction is not one in_transaction runs: then nothing will run it."""
+    follow_ups = _AFTER_COMMIT.get(id(session))
+    if follow_ups is None:
+        return False
+    follow_ups.append(follow_up)
+    return True
 
 
 # --- multi-document writes outside a caller's transaction -------------------------------------

@@ -308,11 +308,25 @@ class Queue:
         if "dedupeKey" in document:
             await self._publish_coalesced(document, session)
             return
-        if "orderingKey" in document and await self._has_unfinished(
-            document["orderingKey"], session
-        ):
+        key: str | None = document.get("orderingKey")
+        parked = key is not None and await self._has_unfinished(key, session)
+        if parked:
             document["availableAt"] = PARKED  # waits until the earlier messages are finished
         await self.collection.insert_one(document, session=session)
+        if parked and key is not None:
+            await self._promote_once_visible(key, session)
+
+    async def _promote_once_visible(self, key: str, session: AsyncClientSession | None) -> None:
+        """A message just parked behind an unfinished one of its key: promote the key once it
+        is visible. If that one finished after this publish's check, its own promotion could
+        not see this message, which then waited for the reaper (tests/queue/
+        test_publish_park_race.py). One of the two always sees the other: this promotion reads
+        after this publish committed, and finds the earlier one unfinished only if that one's
+        finish, and the promotion after it, are still to come."""
+        if session is None:
+            await self.promote(key)
+        elif not mongo.after_commit(session, lambda: self.promote(key)):
+            log.debug("%s: a publish parked outside in_transaction; the reaper promotes", key)
 
     async def publish_many(
         self,
