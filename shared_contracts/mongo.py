@@ -7,7 +7,6 @@ from typing import Any, TypeVar
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import PyMongoError
 from pymongo.results import DeleteResult, UpdateResult
 
 T = TypeVar("T")
@@ -47,10 +46,11 @@ async def in_transaction(
     for follow_up in follow_ups:
         try:
             await follow_up()
-        except PyMongoError as exc:
-            # The transaction committed: its caller must not be told it failed. Every
-            # follow-up is one a periodic task also does (Queue.reap).
-            log.warning("a follow-up of a committed transaction failed: %s", exc)
+        except Exception:
+            # The transaction committed: its caller must not be told it failed, whatever the
+            # follow-up raised (a driver error or a bug), and the follow-ups after it still
+            # run. Every follow-up is one a periodic task also does (Queue.reap).
+            log.warning("a follow-up of a committed transaction failed", exc_info=True)
     return result
 
 
