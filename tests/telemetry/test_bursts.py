@@ -42,12 +42,13 @@ def watch() -> BurstWatch:
 @pytest.mark.parametrize(
     ("count", "over", "bursting"),
     [
-        (200, 0.0, True),  # all at once: 200 within the shortest span judged, a second
+        (200, 0.0, True),  # all at once: one moment of a second's worth
         (199, 0.0, False),
         (199, 1.0, False),
-        (200, 0.5, True),  # the first half second of a burst is one already
+        (201, 0.5, True),  # the first half second of a burst is one already
         (300, 1.4, True),
-        (400, 2.0, True),
+        (401, 2.0, True),  # 400 before the newest, over 2 s
+        (400, 2.0, False),  # 399 of them
         (370, 1.9, False),  # 195 a second
         (450, 2.5, False),  # at most 360 of them within 2 s
         (20_000, 300.0, False),  # a backlog applied at once: the events came at 67 a second
@@ -103,7 +104,7 @@ def test_ordinary_traffic_bunched_into_one_batch_is_no_burst() -> None:
 
 
 def test_anonymous_events_count_for_their_device_s_owner_and_a_rate_of_zero_is_off() -> None:
-    batch = events(None, "owned", 110, over=0.5) + events("u", "mine", 90, over=0.5)
+    batch = events(None, "owned", 111, over=0.5) + events("u", "mine", 91, over=0.5)
     batch += events(None, "nobody-s", 1000, over=0.5)
     assert watch().bursting(batch, owners={"owned": "u"}) == {"u"}
     assert watch().bursting(batch, owners={}) == set()
