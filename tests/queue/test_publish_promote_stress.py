@@ -18,6 +18,7 @@ from shared_contracts.queue.config import QueueConfig
 from shared_contracts.queue.documents import DEAD, DONE
 from shared_contracts.queue.engine import Queue
 from tests.queue.conftest import Job
+from tests.queue.test_ordering_races import HookedCollection
 
 CFG = QueueConfig(lease_seconds=30, max_attempts=2, backoff_base_seconds=0.01,
                   backoff_max_seconds=0.05, poll_interval_seconds=0.01, concurrency=4)  # fmt: skip
@@ -149,8 +150,6 @@ async def test_earlier_finishes_and_a_later_publish_overtakes_during_the_check(
     """m0 active. P1's check for m1 reads once; then m0 finishes and P2 publishes m2 (not
     parked: nothing unfinished is visible). P1 then stores m1 parked, behind m2 by time but
     ahead of it by orderSeq. m1 must be handed out first, m2 after, no reaper."""
-    from tests.queue.test_ordering_races import HookedCollection
-
     client = jobs.collection.database.client
     one_try = Queue(jobs.collection, config=QueueConfig(
         lease_seconds=30, max_attempts=1, backoff_base_seconds=0.01, backoff_max_seconds=0.05,

@@ -5,7 +5,6 @@ events every 1.25 s came to 250 over 1.25 s). A helper's attack; processing/burs
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -13,25 +12,23 @@ from hypothesis import strategies as st
 
 from telemetry_service.devices.store import AttributedEvent
 from telemetry_service.processing.bursts import BurstWatch
+from tests.telemetry.test_bursts import events
 
-T0 = datetime(2026, 12, 4, 12, tzinfo=UTC)
 RATE = 200
 
 
-def bunch(user: str, at: float, count: int, tag: str) -> list[AttributedEvent]:
+def bunch(at: float, count: int) -> list[AttributedEvent]:
     """``count`` events of one moment (requests received together share receivedAt)."""
-    when = T0 + timedelta(seconds=at)
-    return [AttributedEvent(f"{tag}-{n}", None, user, when, n) for n in range(count)]  # type: ignore[arg-type]
+    return events("u", "d", count, over=0.0, start=at)
 
 
 def judged(period: float, per_bunch: int, seconds: float = 30.0) -> list[float]:
     """Feed bunches of ``per_bunch`` events every ``period`` s, one batch each; the times at
     which the user was judged in a burst."""
     bursts = BurstWatch(events_per_second=RATE)
-    bursts._forget_quiet = lambda now: None  # type: ignore[method-assign]  # T0 is in the past
     hits, k = [], 0
     while k * period < seconds:
-        if "u" in bursts.bursting(bunch("u", k * period, per_bunch, str(k)), owners={}):
+        if "u" in bursts.bursting(bunch(k * period, per_bunch), owners={}):
             hits.append(k * period)
         k += 1
     return hits
@@ -95,15 +92,37 @@ def test_a_bench_rate_user_with_random_request_times_is_judged_only_when_it_came
     for seed in range(20):
         requests = poisson_requests(seed)
         bursts = BurstWatch(events_per_second=RATE)
-        bursts._forget_quiet = lambda now: None  # type: ignore[method-assign]
         i, edge = 0, 0.2
         while edge < 600:
             batch: list[AttributedEvent] = []
             while i < len(requests) and requests[i] < edge:
-                batch += bunch("u", requests[i], 25, f"r{i}")
+                batch += bunch(requests[i], 25)
                 i += 1
             if batch and "u" in bursts.bursting(batch, owners={}):
                 judgements.append((seed, round(edge, 1)))
                 assert came_at_the_rate(requests[:i]), (seed, edge)
             edge += 0.2
     assert len(judgements) <= 2, judgements
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    moments=st.lists(
+        st.tuples(st.sampled_from(["u", "v"]), st.floats(0.0, 3.0), st.integers(1, 120)),
+        min_size=1,
+        max_size=12,
+    ),
+    order=st.randoms(use_true_random=False),
+)
+def test_a_batch_s_judgement_does_not_depend_on_its_order_or_repeated_events(
+    moments: list[tuple[str, float, int]], order: random.Random
+) -> None:
+    """A group commit and a batch's retry hand the watcher the same events in another order,
+    some twice (a batch cut in halves and tried again): the users judged must be the same."""
+    batch = [
+        e for user, at, count in moments for e in events(user, user, count, over=0.0, start=at)
+    ]
+    reordered = batch + order.sample(batch, k=len(batch) // 3)
+    order.shuffle(reordered)
+    judged = BurstWatch(events_per_second=RATE).bursting(batch, owners={})
+    assert BurstWatch(events_per_second=RATE).bursting(reordered, owners={}) == judged
