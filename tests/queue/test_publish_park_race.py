@@ -70,3 +70,22 @@ async def test_a_publish_behind_an_unfinished_message_stays_parked(jobs: Queue) 
     assert follower is not None
     assert follower["availableAt"] == PARKED
     assert await jobs.claim(worker="next") is None
+
+
+async def test_a_publisher_gone_before_its_promotion_leaves_the_message_to_the_reaper(
+    jobs: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies between the publish's commit and its promotion (the follow-up is never
+    run): the message stays parked behind nothing, and the reaper's promotion hands it out."""
+    publisher = await _earlier_finishes_during_the_check(jobs)
+    monkeypatch.setattr(mongo, "after_commit", lambda session, follow_up: True)  # dies here
+
+    async def publish(session: AsyncClientSession) -> None:
+        await publisher.publish(Job(n=1, key="a"), session=session)
+
+    await mongo.in_transaction(jobs.collection.database.client, publish)
+    assert await jobs.claim(worker="next") is None  # parked, nothing ahead of it
+    await jobs.reap()
+    claim = await jobs.claim(worker="next")
+    assert claim is not None
+    assert claim.document["n"] == 1
