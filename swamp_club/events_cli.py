@@ -1,4 +1,5 @@
-"""`swamp-club events dead|retry|purge`: the events the ingest watcher set aside (SPEC I11)."""
+"""`swamp-club events dead|retry|purge|adopt`: the events the ingest watcher set aside (SPEC
+I11), and those an older release kept aside."""
 
 from __future__ import annotations
 
@@ -102,3 +103,13 @@ def purge(
     count = on_telemetry(lambda db: purge_set_aside(db, ids=selected))
     typer.echo(json.dumps({"purged": count}) if as_json else f"{count} event(s) purged")
     refuse_unknown(selected, count)
+
+
+@events_cli.command("adopt")
+def adopt(as_json: bool = JsonOption) -> None:
+    """Move the events an older release kept aside into events_aside (a worker's start does
+    it while that release's index is there; this reads every stored event)."""
+    from telemetry_service.processing.aside import adopt_older_release
+
+    count = on_telemetry(lambda db: adopt_older_release(db, look=True))
+    typer.echo(json.dumps({"adopted": count}) if as_json else f"{count} event(s) adopted")

@@ -56,6 +56,11 @@ def verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
             typer.echo(str(drift))
         typer.echo(f"{len(report.drift)} user(s) drifted" if report.drift else "no drift")
         typer.echo(f"events set aside: {report.set_aside_events}")
+        if report.not_adopted_events:
+            typer.echo(
+                f"events an older release kept aside, not adopted: {report.not_adopted_events}"
+                " (swamp-club events adopt)"
+            )
         unattributed = ", ".join(f"{why} {n}" for why, n in report.unattributed_events.items())
         typer.echo(f"events whose key counted as no key: {unattributed or 0}")
         dead = ", ".join(f"{queue} {n}" for queue, n in report.dead_messages.items())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from pymongo import ASCENDING, IndexModel
@@ -16,6 +16,7 @@ from pymongo.errors import CollectionInvalid
 from shared_contracts.mongo import MAX_IN_IDS
 
 EVENTS: Final = "events"  # raw events as ingested; _id = the event id (I2)
+EVENTS_ASIDE: Final = "events_aside"  # copies of events the main line passed (processing/aside.py)
 # Each has one writer: devices/ (user_metrics), identity/ (identity_map, known_users,
 # known_keys), projection/writer.py (username_metrics). A test checks it on the AST.
 USER_METRICS: Final = "user_metrics"  # per device (distinct_id): anonymous + per-user buckets
@@ -29,6 +30,9 @@ ARRIVAL_COUNTER: Final = "event_arrival"
 PROGRESS: Final = "ingest_progress"  # the watcher's high-water mark (processing/progress.py)
 MAIN_LINE: Final = "arrival"  # its one document: the main line over the arrival sequence
 ARRIVAL_HOLES: Final = "arrival_holes"  # arrival numbers that will never hold an event
+
+#: How long a copy aside stays after it was applied: what went aside, and why, for an operator.
+APPLIED_KEPT: Final = timedelta(days=7)
 
 #: leaseUntil of an event no watcher has claimed yet: claimable at once.
 UNCLAIMED: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -74,34 +78,35 @@ async def update_by_ids(
 
 
 def event_indexes() -> list[IndexModel]:
-    """The indexes of ``events``. Every stored event pays for each one (bench/: the embedded
-    server's insert rate roughly halves with the first secondary index), so only what the
-    watcher's reads need."""
-    aside = {"partialFilterExpression": {"processed": False}}
+    """The indexes of ``events``: the arrival number alone, what the main line reads by. Every
+    stored event pays for each index (bench/: the embedded server's insert rate roughly halves
+    with the first secondary index), so the events set aside live in ``events_aside``."""
+    return [IndexModel([("seq", ASCENDING)], name="arrival")]
+
+
+def aside_indexes() -> list[IndexModel]:
+    """The collection holds the events set aside and those applied in the last APPLIED_KEPT:
+    small, so its indexes cost ingest nothing (ingest never writes here)."""
     return [
-        IndexModel([("seq", ASCENDING)], name="arrival"),
-        IndexModel([("processed", ASCENDING), ("seq", ASCENDING)], name="aside", **aside),
-        # Unapplied events of a device set aside: who reached a device without an owner
-        # first (watcher, I3).
-        IndexModel(
-            [("distinctId", ASCENDING), ("seq", ASCENDING)], name="unprocessed_by_device", **aside
-        ),
+        # The claim: unclaimed (or lease run out) in arrival order. Applied and dead copies
+        # carry a lease parked far ahead, so the claim never walks them.
+        IndexModel([("leaseUntil", ASCENDING), ("seq", ASCENDING)], name="claim"),
+        # Unapplied events of a device: who reached a device without an owner first (I3).
+        IndexModel([("distinctId", ASCENDING), ("seq", ASCENDING)], name="by_device"),
         IndexModel([("claimToken", ASCENDING)], name="claim_token", sparse=True),
-    ]
+        IndexModel([("dead", ASCENDING), ("seq", ASCENDING)], name="dead", sparse=True),
+        IndexModel([("processedAt", ASCENDING)], name="expire_applied",
+                   expireAfterSeconds=int(APPLIED_KEPT.total_seconds())),
+    ]  # fmt: skip
 
 
 async def ensure_indexes(db: Database) -> None:
-    # An event is never written after its insert on the watcher's main line: the one index it
-    # needs is its arrival number (processing/progress.py reads above the high-water mark).
-    # Events set aside from the main line (waiting for a key, failing, from an older release)
-    # carry processed=false and are claimed one by one: only they are in the partial indexes.
-    # The _id order that an older release claimed in is the client's random event id: gone,
-    # as is the claim index over every event.
-    indexes = await db[EVENTS].index_information()
-    for retired in ("claim", "claim_arrival"):
-        if retired in indexes:
-            await db[EVENTS].drop_index(retired)
+    # An event is never written after its insert: the one index it needs is its arrival
+    # number (processing/progress.py reads above the high-water mark). The indexes older
+    # releases kept for their events aside are dropped by processing/aside.py once it has
+    # moved those events to events_aside.
     await db[EVENTS].create_indexes(event_indexes())
+    await db[EVENTS_ASIDE].create_indexes(aside_indexes())
     # Holes ingest recorded are needed only until the mark passes them.
     await db[ARRIVAL_HOLES].create_index("at", name="expire", expireAfterSeconds=86_400)
     await db[USER_METRICS].create_indexes(
@@ -134,7 +139,7 @@ async def ensure_indexes(db: Database) -> None:
     # starting together race to create them: whoever comes second finds it done
     # (tests/test_replicas_start_together.py).
     existing = set(await db.list_collection_names())
-    for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS, PROGRESS):
+    for name in (KNOWN_KEYS, MIGRATIONS, COUNTERS, PROGRESS, EVENTS_ASIDE):
         if name not in existing:
             with contextlib.suppress(CollectionInvalid):
                 await db.create_collection(name)

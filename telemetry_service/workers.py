@@ -14,7 +14,7 @@ from pymongo.errors import PyMongoError
 from telemetry_service.backfill import Backfill
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.identity.upgrade import IdentityUpgrade
-from telemetry_service.ingest.arrival import number_unsequenced
+from telemetry_service.processing.aside import adopt_older_release
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
 
@@ -35,12 +35,13 @@ class TelemetryWorkers:
         self._startup = asyncio.create_task(self._start_after_upgrade(), name="identity-upgrade")
 
     async def _start_after_upgrade(self) -> None:
-        # Nothing may read or write identities in the old layout, and the watcher claims in
-        # arrival order: the upgrade and the numbering of old events come first.
+        # Nothing may read or write identities in the old layout, and the watcher claims aside
+        # from events_aside alone: the upgrade and the events an older release kept aside (and
+        # numbered in arrival order) come first.
         while True:
             try:
                 await self.upgrade.run()
-                await number_unsequenced(self.upgrade.db)
+                await adopt_older_release(self.upgrade.db)
                 break
             except PyMongoError:
                 log.exception("identity upgrade failed; retrying")

@@ -24,7 +24,12 @@ from shared_contracts import mongo
 from swamp_club.embedded_db import free_port
 from swamp_club.servers import make_server, running
 from telemetry_service.collections import UNCLAIMED
-from telemetry_service.processing.progress import unapplied_filter
+from telemetry_service.processing.aside import OLDER_RELEASE_ASIDE_INDEXES, adopt_older_release
+from telemetry_service.processing.progress import (
+    UNAPPLIED_ASIDE,
+    count_unapplied,
+    unapplied_query,
+)
 
 
 class SeenCommands(monitoring.CommandListener):
@@ -211,7 +216,7 @@ EMBEDDED = not os.environ.get("MONGODB_URI")
 
 async def unapplied_events(db: Any) -> int:
     """Events the watcher has not applied yet, wherever they wait (above its mark or aside)."""
-    return int(await db["events"].count_documents(await unapplied_filter(db)))
+    return await count_unapplied(db)
 
 
 async def applied_events(db: Any) -> int:
@@ -219,21 +224,41 @@ async def applied_events(db: Any) -> int:
 
 
 async def applied_event_ids(db: Any) -> set[str]:
-    applied = {"$nor": [await unapplied_filter(db)]}
-    return {d["_id"] async for d in db["events"].find(applied, {"_id": 1})}
+    progress = await db["ingest_progress"].find_one({"_id": "arrival"})
+    applied = {"$nor": [unapplied_query(progress)]}
+    ids = {d["_id"] async for d in db["events"].find(applied, {"_id": 1})}
+    return ids - {d["_id"] async for d in db["events_aside"].find(UNAPPLIED_ASIDE, {"_id": 1})}
 
 
 async def stuck_events(db: Any) -> list[dict[str, Any]]:
     """Unapplied events not set aside as dead: after a drain, those a watcher left behind."""
-    query = {"$and": [await unapplied_filter(db), {"dead": {"$ne": True}}]}
-    return [d async for d in db["events"].find(query)]
+    progress = await db["ingest_progress"].find_one({"_id": "arrival"})
+    on_main_line = [d async for d in db["events"].find(unapplied_query(progress))]
+    aside = {**UNAPPLIED_ASIDE, "dead": {"$ne": True}}
+    return on_main_line + [d async for d in db["events_aside"].find(aside)]
+
+
+async def kept_aside_by_an_older_release(db: Any, documents: list[dict[str, Any]]) -> None:
+    """Events an older release stored and kept aside in ``events`` (``processed: false``, under
+    its ``aside`` index), then a worker of this release starts and adopts them."""
+    await db["events"].create_indexes(list(OLDER_RELEASE_ASIDE_INDEXES))
+    await db["events"].insert_many(documents)
+    await adopt_older_release(db, look=True)  # look: this test's fixture has started before
+
+
+async def put_aside(db: Any, query: dict[str, Any], **state: Any) -> None:
+    """Stored events matching ``query`` aside, unclaimed, with ``state`` (attempts, ...): as an
+    older release kept them, adopted as this release's start adopts them."""
+    state = {"processed": False, "leaseUntil": UNCLAIMED, **state}
+    await mongo.update_many(db["events"], query, {"$set": state})
+    await adopt_older_release(db, look=True)
 
 
 async def expire_watcher_leases(db: Any) -> None:
     """As if every watcher's lease ran out: the main line's and those of events aside (not the
     backoff of events set aside as dead)."""
     await mongo.update_many(
-        db["events"],
+        db["events_aside"],
         {"processed": False, "dead": {"$ne": True}},
         {"$set": {"leaseUntil": UNCLAIMED}},
     )

@@ -22,7 +22,7 @@ import pytest
 from pymongo import MongoClient
 
 from swamp_club.embedded_db import EmbeddedDb, free_port
-from telemetry_service.processing.progress import unapplied_query
+from telemetry_service.processing.progress import UNAPPLIED_ASIDE, unapplied_query
 from tests.support import EMBEDDED, DbNames, LoggedProcess
 from tests.telemetry.conftest import cli_event
 from tests.telemetry.test_backfill import bucket
@@ -126,6 +126,7 @@ def settled(client: MongoClient[dict[str, Any]], names: DbNames) -> bool:
     return (
         busy == 0
         and tele.events.count_documents(unapplied_query(tele.ingest_progress.find_one())) == 0
+        and tele.events_aside.count_documents(UNAPPLIED_ASIDE) == 0
         and marker.get("status") == "done"
     )
 

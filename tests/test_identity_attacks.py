@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from shared_contracts import mongo
 from swamp_app.settings import AppSettings
 from telemetry_service.backfill import Backfill
-from telemetry_service.collections import EVENTS, IDENTITY_MAP, USERNAME_METRICS
+from telemetry_service.collections import EVENTS, EVENTS_ASIDE, IDENTITY_MAP, USERNAME_METRICS
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.projection.verify import verify
@@ -73,7 +73,7 @@ async def quiesce(p: Pipeline) -> None:
         await p.telemetry_runtime.commands.promote(key)
     await p.drain()
     await mongo.update_many(
-        p.telemetry_runtime.db[EVENTS],
+        p.telemetry_runtime.db[EVENTS_ASIDE],
         {"processed": False, "dead": {"$ne": True}},
         {"$set": {"leaseUntil": datetime.now(UTC)}},
     )
@@ -114,7 +114,7 @@ async def test_a_waiting_key_that_arrived_first_still_owns_the_shared_device(
     await p.release_commands()
     await p.drain()
     await mongo.update_many(
-        p.telemetry_runtime.db[EVENTS],  # the retry interval passes
+        p.telemetry_runtime.db[EVENTS_ASIDE],  # the retry interval passes
         {"processed": False},
         {"$set": {"leaseUntil": datetime.now(UTC)}},
     )
@@ -272,12 +272,12 @@ async def test_a_key_unknown_past_the_grace_period_and_issued_later(pipeline: Pi
     await p.hold_commands(userId=max_["id"])
     await p.send("max-dev", max_["apiKey"], count=2)
     await p.drain()  # waiting
-    events = p.telemetry_runtime.db[EVENTS]
-    assert await events.count_documents({"processed": False}) == 2
+    events, aside = p.telemetry_runtime.db[EVENTS], p.telemetry_runtime.db[EVENTS_ASIDE]
+    assert await aside.count_documents({"processed": False}) == 2
     old = datetime.now(UTC) - timedelta(
         seconds=p.telemetry_runtime.settings.key_resolve_grace_seconds + 5
     )
-    await mongo.update_many(events, {}, {"$set": {"receivedAt": old, "leaseUntil": old}})
+    await mongo.update_many(aside, {}, {"$set": {"receivedAt": old, "leaseUntil": old}})
     await p.drain()  # past the grace period: anonymous
     assert await unapplied_events(events.database) == 0
     assert await events.count_documents({"unattributed": "unknown"}) == 2

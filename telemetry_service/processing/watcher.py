@@ -2,10 +2,11 @@
 
 Two lines feed it. The main line reads events in arrival order above a high-water mark
 (processing/progress.py): no event is written after its insert, the mark moves in the batch's
-transaction. Events the main line cannot apply now are moved aside (``processed: false``) and
-claimed one batch at a time with a per-event lease: those waiting for their key, those behind
-them on a device without an owner, those of a batch that failed (isolated there by splitting,
-I11), and those stored by an older release.
+transaction. Events the main line cannot apply now are copied aside (processing/aside.py, in
+the transaction that moves the mark past them) and claimed there one batch at a time with a
+per-event lease: those waiting for their key, those behind them on a device without an owner,
+those of a batch that failed (isolated there by splitting, I11), and those an older release
+kept aside.
 
 A batch is applied in ONE transaction:
 1. each event's key is resolved now, not when it arrived (I10): key hash -> userId. A key
@@ -15,8 +16,8 @@ A batch is applied in ONE transaction:
 3. the devices of each user (identity/);
 4. the projection of every affected user through the projection writer (which publishes the
    refreshes, I1);
-5. the batch's progress: the main line's mark, conditioned on the mark it read, or the aside
-   events marked processed, filtered on the claim token. If another worker got there first, that
+5. the batch's progress: the main line's mark, conditioned on the mark it read, or the copies
+   aside marked processed, filtered on the claim token. If another worker got there first, that
    step matches nothing and the whole transaction aborts, so nothing is ever counted twice,
    wherever a worker dies.
 """
@@ -29,7 +30,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -43,7 +44,7 @@ from shared_contracts.queue.documents import PARKED
 from shared_contracts.queue.engine import LeaseLost
 from shared_contracts.wakeup import Wakeup
 from telemetry_service import counters
-from telemetry_service.collections import EVENTS, UNCLAIMED, update_by_ids
+from telemetry_service.collections import EVENTS, EVENTS_ASIDE, UNCLAIMED, update_by_ids
 from telemetry_service.devices.store import (
     AttributedEvent,
     DeviceWrite,
@@ -53,8 +54,8 @@ from telemetry_service.devices.store import (
 from telemetry_service.identity.keys import known_keys
 from telemetry_service.identity.models import KnownKey
 from telemetry_service.identity.store import bind_devices
-from telemetry_service.ingest.arrival import number_unsequenced
 from telemetry_service.ingest.schemas import CliEvent
+from telemetry_service.processing import aside as events_aside
 from telemetry_service.processing import progress as main_line
 from telemetry_service.processing.bursts import BurstWatch
 from telemetry_service.projection.writer import write_projections
@@ -87,6 +88,8 @@ class StoredEvent:
     received_at: datetime
     #: The server's arrival sequence (ingest/arrival.py).
     arrival: int
+    #: As stored: what a main-line event that must wait is copied aside from.
+    document: dict[str, Any] = field(compare=False, repr=False)
 
     @property
     def device(self) -> str:
@@ -101,6 +104,7 @@ class StoredEvent:
             legacy_user_id=document.get("userId"),
             received_at=document["receivedAt"],
             arrival=int(document.get("seq", 0)),
+            document=document,
         )
 
 
@@ -180,6 +184,7 @@ class IngestWatcher:
         self.runtime = runtime
         self.settings = runtime.settings
         self.events = runtime.db[EVENTS]
+        self.aside = runtime.db[EVENTS_ASIDE]
         self.refreshes = runtime.refreshes
         self.worker = worker or uuid.uuid4().hex[:8]
         self.wakeup = Wakeup(
@@ -310,7 +315,7 @@ class IngestWatcher:
                 counters.BATCHES.labels("waiting_at_gap").inc()
             return 0
         self._holes_seen = {n: t for n, t in self._holes_seen.items() if n > step.to.through}
-        # Events aside (an older release's, or moved there) are applied by the aside claim.
+        # An older release's events carry `processed`: applied, or adopted aside at start-up.
         mine = [d for d in step.take if "processed" not in d]
         if read.attempts > SPLIT_AFTER_ATTEMPTS:
             # Earlier attempts at this batch died without an error (a worker killed while
@@ -320,7 +325,7 @@ class IngestWatcher:
             died = min(read.attempts - 1, SPLIT_AFTER_ATTEMPTS)  # never past the aside's own
             await self._move_aside(read, step.to, mine, attempts=died)
             return 0  # the aside claim, due at once, applies them
-        batch = await self._readable(mine)
+        batch = await self._readable(mine, token=None)
         finish = self._advance(read, step.to)
 
         async def renew() -> None:
@@ -388,10 +393,9 @@ class IngestWatcher:
         """Hand the batch's events to the aside claim and move the mark past them, at once."""
 
         async def move(session: AsyncClientSession) -> None:
-            await update_by_ids(
-                self.events, [d["_id"] for d in documents],
-                {"$set": {"processed": False, "leaseUntil": UNCLAIMED, "attempts": attempts}},
-                only={"processed": {"$exists": False}}, session=session,
+            await events_aside.move_aside(
+                self.runtime.db, documents,
+                state={"leaseUntil": UNCLAIMED, "attempts": attempts}, session=session,
             )  # fmt: skip
             await self._advance(read, to)(session, [])
 
@@ -412,14 +416,10 @@ class IngestWatcher:
         then costs attempts to that event only, never to the events claimed with it."""
         now = datetime.now(UTC)
         free = {"processed": False, "leaseUntil": {"$lte": now}}
-        first = await self.events.find(
+        first = await self.aside.find(
             free, {"seq": 1, "attempts": 1}, sort=[("seq", 1)],
             limit=self.settings.ingest_batch_size,
         ).to_list()  # fmt: skip
-        if any("seq" not in d for d in first):
-            # Stored by a replica of the previous release during a rolling upgrade.
-            await number_unsequenced(self.runtime.db)
-            return await self.claim_batch()
         if first and first[0].get("attempts", 0) >= CRASH_LOOP_ATTEMPTS:
             first = first[:1]
         arrivals = [d["seq"] for d in first]
@@ -428,19 +428,19 @@ class IngestWatcher:
         token = uuid.uuid4().hex
         lease_until = now + timedelta(seconds=self.settings.ingest_lease_seconds)
         await mongo.update_many(
-            self.events,
+            self.aside,
             {**free, "seq": {"$lte": arrivals[-1]}},
             {"$set": {"leaseUntil": lease_until, "claimToken": token}, "$inc": {"attempts": 1}},
         )
-        claimed = await self.events.find({"claimToken": token, "processed": False}).to_list()
+        claimed = await self.aside.find({"claimToken": token, "processed": False}).to_list()
         return token, claimed
 
     async def aside_batch(self) -> int:
         token, documents = await self.claim_batch()
         if not documents:
             return 0
-        usable = await self._set_aside_exhausted(documents)
-        batch = await self._readable(usable)
+        usable = await self._set_aside_exhausted(documents, token)
+        batch = await self._readable(usable, token=token)
         if not batch:
             return len(documents)
         attempts = {d["_id"]: int(d.get("attempts", 0)) for d in usable}
@@ -521,25 +521,30 @@ class IngestWatcher:
             mine: dict[str, Any] = {"claimToken": token, "processed": False}
             if not whole:
                 mine["_id"] = {"$in": [e.id for e in ready]}
-            marked = await self.events.update_many(
-                mine,
-                {"$set": {"processed": True, "processedAt": datetime.now(UTC)}},
-                session=session,
+            marked = await self.aside.update_many(
+                mine, events_aside.applied_update(), session=session
             )
             if marked.modified_count != len(ready):
                 raise LeaseLost(f"{len(ready) - marked.modified_count} events were taken over")
 
         return finish
 
-    async def _readable(self, documents: list[dict[str, Any]]) -> list[StoredEvent]:
+    async def _readable(
+        self, documents: list[dict[str, Any]], *, token: str | None
+    ) -> list[StoredEvent]:
         """Stored events that cannot be read back as CLI events (stored by an older release
-        under older rules) can never be applied: set aside at once, with the reason."""
+        under older rules) can never be applied: set aside at once, with the reason.
+        ``token``: the claim aside they come from; None: the main line."""
         readable: list[StoredEvent] = []
         for document in documents:
             try:
                 readable.append(StoredEvent.from_document(document))
             except Exception as exc:  # any reason it cannot be read is this event's alone
-                await self._set_aside(document["_id"], f"unreadable: {describe(exc)}")
+                reason = f"unreadable: {describe(exc)}"
+                if token is None:
+                    await self._copy_aside_dead(document, reason)
+                else:
+                    await self._set_aside(document["_id"], reason, token=token)
         return readable
 
     async def _failed_alone(
@@ -555,7 +560,7 @@ class IngestWatcher:
             self.settings.queue_backoff_base_seconds * 2 ** max(attempts - 1, 0),
             self.settings.queue_backoff_max_seconds,
         )
-        await self.events.update_one(
+        await self.aside.update_one(
             {"_id": event.id, "claimToken": token},
             {
                 "$set": {
@@ -573,23 +578,30 @@ class IngestWatcher:
             reason,
         )
 
-    async def _set_aside(self, event_id: str, reason: str, *, token: str | None = None) -> None:
-        owned = {"claimToken": token} if token else {}
-        await self.events.update_one(
-            {"_id": event_id, **owned},
-            {
-                "$set": {
-                    "processed": False,  # aside, if it was on the main line
-                    "dead": True,
-                    "leaseUntil": PARKED,
-                    "lastError": reason,
-                    "setAsideAt": datetime.now(UTC),
-                },
-                "$unset": {"claimToken": ""},
-            },
+    async def _set_aside(self, event_id: str, reason: str, *, token: str) -> None:
+        """An event of this worker's claim aside will not be tried again until an operator
+        retries it. Filtered on the claim: a worker that lost it changes nothing."""
+        await self.aside.update_one(
+            {"_id": event_id, "claimToken": token, "processed": False},
+            {"$set": dead_state(reason), "$unset": {"claimToken": ""}},
         )
         counters.EVENTS_DEAD.inc()
         log.error("event %s set aside: %s", event_id, reason)
+
+    async def _copy_aside_dead(self, document: dict[str, Any], reason: str) -> None:
+        """A main-line event that can never be applied is copied aside, set aside at once (the
+        mark then passes it with its batch). Not in that batch's transaction: the batch may
+        fail for another event. A copy already there, from a try that died, is left as is: it
+        was set aside for the same reason, or an operator has acted on it since."""
+
+        async def copy(session: AsyncClientSession) -> None:
+            await events_aside.move_aside(
+                self.runtime.db, [document], state=dead_state(reason), session=session
+            )
+
+        await in_transaction(self.runtime.client, copy)
+        counters.EVENTS_DEAD.inc()
+        log.error("event %s set aside: %s", document["_id"], reason)
 
     async def _renew_lease(self, token: str) -> None:
         """Renew the batch's lease before each transaction attempt (a retry after a write
@@ -600,23 +612,26 @@ class IngestWatcher:
         Not part of the batch's transaction: it must hold even if that one aborts."""
         lease = timedelta(seconds=self.settings.ingest_lease_seconds)
         await mongo.update_many(
-            self.events,
+            self.aside,
             {"claimToken": token, "processed": False},
             {"$set": {"leaseUntil": datetime.now(UTC) + lease}},
         )
 
-    async def _set_aside_exhausted(self, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _set_aside_exhausted(
+        self, documents: list[dict[str, Any]], token: str
+    ) -> list[dict[str, Any]]:
         """Events claimed max attempts times (their workers kept dying) are set aside."""
         limit = self.settings.queue_max_attempts
         exhausted = {d["_id"] for d in documents if d.get("attempts", 0) > limit}
         for event_id in sorted(exhausted):
-            await self._set_aside(event_id, f"claimed {limit} times without being applied")
+            reason = f"claimed {limit} times without being applied"
+            await self._set_aside(event_id, reason, token=token)
         return [d for d in documents if d["_id"] not in exhausted]
 
     async def _record_error(self, token: str, exc: BaseException) -> None:
         try:
             await mongo.update_many(
-                self.events,
+                self.aside,
                 {"claimToken": token, "processed": False},
                 {"$set": {"lastError": describe(exc)}},
             )
@@ -649,7 +664,9 @@ class IngestWatcher:
         held = behind_a_waiting_key(split, owners)
         held |= await self._behind_earlier_keyed_events(split.ready, owners, batch, session)
         ready = [e for e in split.ready if e.id not in held]
-        await self._defer([e.id for e in split.waiting] + sorted(held), session, deferred)
+        await self._defer(
+            split.waiting + [e for e in batch if e.id in held], session, attempts=deferred
+        )
         written = await apply_events(db, ready, owners=owners, session=session)
         failpoints.hit(AFTER_METRICS_WRITE)
 
@@ -725,8 +742,9 @@ class IngestWatcher:
 
     async def _defer(
         self,
-        waiting: list[str],
+        waiting: list[StoredEvent],
         session: AsyncClientSession,
+        *,
         attempts: Literal["kept", "given_back"],
     ) -> None:
         """Events whose key is not known yet (and those behind them) go aside, unclaimed, to be
@@ -734,15 +752,17 @@ class IngestWatcher:
         if not waiting:
             return
         retry_at = datetime.now(UTC) + timedelta(seconds=self.settings.key_resolve_retry_seconds)
-        update: dict[str, Any] = {
-            "$set": {"processed": False, "leaseUntil": retry_at},
+        if attempts == "kept":  # from the main line: copied aside, no claim counted one
+            state = {"leaseUntil": retry_at, "attempts": 0}
+            documents = [e.document for e in waiting]
+            await events_aside.move_aside(self.runtime.db, documents, state=state, session=session)
+            return
+        update = {
+            "$set": {"leaseUntil": retry_at},
             "$unset": {"claimToken": ""},
+            "$inc": {"attempts": -1},
         }
-        if attempts == "given_back":
-            update["$inc"] = {"attempts": -1}
-        else:  # from the main line: no claim counted one
-            update["$set"]["attempts"] = 0
-        await update_by_ids(self.events, waiting, update, session=session)
+        await update_by_ids(self.aside, [e.id for e in waiting], update, session=session)
 
     async def _record_unattributed(
         self, unattributed: dict[str, str], session: AsyncClientSession
@@ -774,6 +794,16 @@ def retry_splits(exc: BaseException) -> bool:
     """On a claim that died before, everything but a lost lease, a cancellation or the
     database being unreachable is split to find the events at fault."""
     return not isinstance(exc, LeaseLost | asyncio.CancelledError | ConnectionFailure)
+
+
+def dead_state(reason: str) -> dict[str, Any]:
+    """An event set aside: kept with its reason, parked, until an operator acts."""
+    return {
+        "dead": True,
+        "leaseUntil": PARKED,
+        "lastError": reason,
+        "setAsideAt": datetime.now(UTC),
+    }
 
 
 def describe(exc: BaseException) -> str:

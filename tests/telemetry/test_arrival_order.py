@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from telemetry_service.collections import EVENTS, UNCLAIMED
 from telemetry_service.ingest.arrival import number_unsequenced
+from telemetry_service.processing.aside import adopt_older_release
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
 from tests.support import applied_event_ids, unapplied_events
@@ -79,5 +80,6 @@ async def test_events_stored_before_the_sequence_are_numbered_first_in_receipt_o
     assert await number_unsequenced(telemetry.runtime.db) == 0  # idempotent
     numbered = await events.find({}, sort=[("seq", 1)]).to_list()
     assert [e["_id"] for e in numbered] == ["old-1", "old-2", "old-3", new["_id"]]
+    assert await adopt_older_release(telemetry.runtime.db, look=True) == 3  # a worker's start
     await telemetry.drain()
     assert await unapplied_events(telemetry.runtime.db) == 0

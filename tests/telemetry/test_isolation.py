@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from pymongo.errors import OperationFailure
 
 from shared_contracts import mongo
-from telemetry_service.collections import EVENTS, USER_METRICS
+from telemetry_service.collections import EVENTS, EVENTS_ASIDE, USER_METRICS
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.set_aside import (
     count_set_aside,
@@ -26,7 +26,7 @@ from telemetry_service.processing.set_aside import (
 )
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
-from tests.support import stuck_events
+from tests.support import kept_aside_by_an_older_release, stuck_events
 from tests.telemetry.conftest import Telemetry, cli_event
 from tests.telemetry.test_ingest_bounds import hostile_event, overrides
 
@@ -37,18 +37,17 @@ def splits() -> float:
 
 async def store_as_an_older_release_did(telemetry: Telemetry, event: dict[str, Any]) -> None:
     """An event accepted under older, looser rules: today's validation refuses to read it."""
-    await telemetry.runtime.db[EVENTS].insert_one(
-        {
-            "_id": event["insert_id"],
-            "raw": event,
-            "distinctId": event["distinct_id"],
-            "keyHash": None,
-            "receivedAt": datetime.now(UTC),
-            "processed": False,
-            "leaseUntil": datetime(1970, 1, 1, tzinfo=UTC),
-            "seq": 0,
-        }
-    )
+    document = {
+        "_id": event["insert_id"],
+        "raw": event,
+        "distinctId": event["distinct_id"],
+        "keyHash": None,
+        "receivedAt": datetime.now(UTC),
+        "processed": False,
+        "leaseUntil": datetime(1970, 1, 1, tzinfo=UTC),
+        "seq": 0,
+    }
+    await kept_aside_by_an_older_release(telemetry.runtime.db, [document])
 
 
 async def test_an_unreadable_event_is_set_aside_at_once_and_its_batch_applied(
@@ -84,7 +83,7 @@ async def test_events_that_fail_inside_the_transaction_are_isolated_by_splitting
     assert await telemetry.watcher.process_one_batch() == 42
     assert (await telemetry.stats("bystander"))["totalInvocations"] == 40
     assert splits() > before
-    events = telemetry.runtime.db[EVENTS]
+    events = telemetry.runtime.db[EVENTS_ASIDE]
     failing = await events.find({"processed": False}).to_list()
     assert [e["distinctId"] for e in failing] == ["broken-dev", "broken-dev"]
     assert all(e["lastError"] for e in failing)  # why, for the operator
@@ -121,7 +120,8 @@ async def test_purging_deletes_only_set_aside_events(telemetry: Telemetry) -> No
     await telemetry.drain()
     db = telemetry.runtime.db
     assert await purge_set_aside(db, ids=["not-set-aside", poison["insert_id"]]) == 1
-    assert await db[EVENTS].count_documents({}) == 1
+    assert await db[EVENTS].count_documents({}) == 1  # the stored event went with its copy
+    assert await db[EVENTS_ASIDE].count_documents({"_id": poison["insert_id"]}) == 0
 
 
 async def test_the_lease_is_renewed_before_each_transaction_attempt(
@@ -162,6 +162,7 @@ async def test_random_extremes_mixed_with_valid_events_are_all_counted_or_set_as
 ) -> None:
     db = telemetry.runtime.db
     await mongo.delete_many(db[EVENTS], {})  # hypothesis reuses the fixture across examples
+    await mongo.delete_many(db[EVENTS_ASIDE], {})
     user_id, key = await telemetry.register(f"mixer-{await db[EVENTS].estimated_document_count()}")
     hostile = [hostile_event(c) for c in changes]
     for event in hostile:
@@ -180,7 +181,7 @@ async def test_random_extremes_mixed_with_valid_events_are_all_counted_or_set_as
     stored = await db[EVENTS].find().to_list()
     assert len(stored) == len(accepted)
     assert await stuck_events(db) == []
-    aside = [e for e in stored if e.get("dead")]
+    aside = await db[EVENTS_ASIDE].find({"dead": True}).to_list()
     assert all(e["lastError"] for e in aside)
     assert not {e["_id"] for e in aside} & {g["insert_id"] for g in good}
     device = (await telemetry.device("mixed-dev")).json()

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from shared_contracts import mongo
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, UserRegistered
-from telemetry_service.collections import EVENTS
+from telemetry_service.collections import EVENTS, EVENTS_ASIDE
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.processing.watcher import IngestWatcher
 from telemetry_service.runtime import TelemetryRuntime
@@ -43,14 +43,14 @@ async def test_a_key_the_app_just_returned_is_accepted_and_waits_for_its_user(
     assert resolutions("waiting") >= waiting_before + 2
     anonymous = await telemetry.device("anon-dev")
     assert anonymous.json()["anonymous"]["invocations"] == 1
-    pending = await telemetry.runtime.db[EVENTS].count_documents({"processed": False})
+    pending = await telemetry.runtime.db[EVENTS_ASIDE].count_documents({"processed": False})
     assert pending == 2
-    waiting = await telemetry.runtime.db[EVENTS].find({"processed": False}).to_list()
+    waiting = await telemetry.runtime.db[EVENTS_ASIDE].find({"processed": False}).to_list()
     assert all(e["attempts"] == 0 for e in waiting)  # waiting is not failing
 
     await command_consumer(telemetry.runtime).drain()
     await mongo.update_many(
-        telemetry.runtime.db[EVENTS], {}, {"$set": {"leaseUntil": datetime.now(UTC)}}
+        telemetry.runtime.db[EVENTS_ASIDE], {}, {"$set": {"leaseUntil": datetime.now(UTC)}}
     )
     await telemetry.watcher.drain()
     stats = await telemetry.stats("fresh")
@@ -127,7 +127,7 @@ async def test_events_waiting_for_a_key_are_retried_after_the_retry_interval(
 ) -> None:
     await telemetry.post(cli_event("w-dev"), "swamp_issued-later")
     await telemetry.watcher.drain()
-    (event,) = await telemetry.runtime.db[EVENTS].find().to_list()
+    (event,) = await telemetry.runtime.db[EVENTS_ASIDE].find().to_list()
     retry = timedelta(seconds=telemetry.runtime.settings.key_resolve_retry_seconds)
     assert event["leaseUntil"] - datetime.now(UTC) <= retry
     assert "claimToken" not in event

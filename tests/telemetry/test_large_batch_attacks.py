@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from shared_contracts import failpoints
-from telemetry_service.collections import EVENTS
+from telemetry_service.collections import EVENTS_ASIDE
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.watcher import IngestWatcher
 from tests.support import applied_events, expire_watcher_leases
@@ -71,7 +71,7 @@ class Backlog:
         innocent = self.events - len(self.poison)
         assert await applied_events(db) == innocent
         assert await counted(self.telemetry) == innocent  # I2: counted == applied
-        dead = {e["_id"] for e in await db[EVENTS].find({"dead": True}, {"_id": 1}).to_list()}
+        dead = {e["_id"] for e in await db[EVENTS_ASIDE].find({"dead": True}, {"_id": 1}).to_list()}
         assert dead == self.poison  # I11: nothing innocent set aside
         for username, events in self.expected.items():
             assert (await self.telemetry.stats(username))["totalInvocations"] == events

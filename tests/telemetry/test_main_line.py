@@ -22,12 +22,14 @@ from pymongo.errors import AutoReconnect
 from shared_contracts import failpoints
 from shared_contracts.keys import api_key_hash
 from shared_contracts.mongo import make_client
-from telemetry_service.collections import EVENTS, PROGRESS, USER_METRICS
+from telemetry_service.collections import EVENTS, EVENTS_ASIDE, PROGRESS, USER_METRICS
 from telemetry_service.devices.store import devices_of_user
 from telemetry_service.ingest import arrival
 from telemetry_service.processing import progress as main_line
 from telemetry_service.processing import watcher as watcher_module
+from telemetry_service.processing.aside import adopt_older_release
 from telemetry_service.processing.watcher import IngestWatcher
+from telemetry_service.projection.verify import verify
 from telemetry_service.runtime import TelemetryRuntime
 from tests.support import (
     SeenCommands,
@@ -267,7 +269,7 @@ async def test_a_batch_that_kills_its_worker_again_and_again_is_moved_aside(
     await IngestWatcher(telemetry.runtime).drain()
     assert (await telemetry.stats("xena"))["totalInvocations"] == 6
     assert await applied_events(telemetry.runtime.db) == 6
-    aside = await telemetry.runtime.db[EVENTS].count_documents({"processed": True})
+    aside = await telemetry.runtime.db[EVENTS_ASIDE].count_documents({"processed": True})
     assert aside == 6  # applied by the aside claim
     progress = await mark(telemetry)
     assert progress.attempts == 0
@@ -405,8 +407,10 @@ async def _none_unapplied(telemetry: Telemetry) -> bool:
 async def test_events_stored_by_the_previous_release_are_applied_aside(
     telemetry: Telemetry,
 ) -> None:
-    """Rolling upgrade: an older replica still stores events marked processed=false, numbered
-    above the mark. The main line passes them without applying; the aside claim applies them."""
+    """Rolling upgrade: an older replica's watcher, still running, keeps an event aside in
+    ``events`` (processed=false), numbered above the mark. The main line passes it without
+    applying it, it counts as unapplied (and ``verify`` names it) until it is adopted
+    (``swamp-club events adopt``); then the aside claim applies it, once."""
     await telemetry.post(cli_event("mixed-release"))
     first = await arrival.reserve(telemetry.runtime.db, 1)
     event = cli_event("mixed-release")
@@ -417,8 +421,16 @@ async def test_events_stored_by_the_previous_release_are_applied_aside(
     )  # fmt: skip
     await telemetry.post(cli_event("mixed-release"))
     await telemetry.watcher.drain()
+    assert await anonymous(telemetry, "mixed-release") == 2
+    assert await unapplied_events(telemetry.runtime.db) == 1
+    report = await verify(telemetry.runtime.db, telemetry.runtime.bus)
+    assert report.not_adopted_events == 1
+    assert not report.clean
+    assert await adopt_older_release(telemetry.runtime.db, look=True) == 1
+    await telemetry.watcher.drain()
     assert await anonymous(telemetry, "mixed-release") == 3
     assert await unapplied_events(telemetry.runtime.db) == 0
+    assert await adopt_older_release(telemetry.runtime.db, look=True) == 0  # once
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -589,7 +601,7 @@ async def test_database_blips_before_a_batch_is_tried_never_count_as_its_attempt
     _, key = await telemetry.register("drift")
     await telemetry.post({"events": [cli_event("drift-dev") for _ in range(3)]}, key)
     await watcher.drain()
-    assert await telemetry.runtime.db[EVENTS].count_documents({"dead": True}) == 0
+    assert await telemetry.runtime.db[EVENTS_ASIDE].count_documents({"dead": True}) == 0
     assert (await telemetry.stats("drift"))["totalInvocations"] == 3
 
 
@@ -598,8 +610,8 @@ async def test_an_older_releases_event_does_not_overtake_an_earlier_one_on_the_m
 ) -> None:
     """FOUND by a review (rolling upgrade, I3): the new release stores alice's event on a new
     device; a replica of the previous release then stores bob's there, marked processed=false,
-    so it is claimed aside, and the aside pass ran first: bob owned the device alice's
-    authenticated event had reached first."""
+    so it is claimed aside (once adopted), and the aside pass ran first: bob owned the device
+    alice's authenticated event had reached first."""
     alice, alice_key = await telemetry.register("alice")
     _, bob_key = await telemetry.register("bobby")
     await telemetry.post(cli_event("upgrade-dev"), alice_key)
@@ -610,6 +622,7 @@ async def test_an_older_releases_event_does_not_overtake_an_earlier_one_on_the_m
          "keyHash": api_key_hash(bob_key), "receivedAt": datetime.now(UTC), "processed": False,
          "leaseUntil": datetime(1970, 1, 1, tzinfo=UTC), "seq": number}
     )  # fmt: skip
+    assert await adopt_older_release(telemetry.runtime.db, look=True) == 1
     await telemetry.watcher.drain()
     await expire_watcher_leases(telemetry.runtime.db)  # bob's waited its retry interval
     await telemetry.watcher.drain()
@@ -621,7 +634,8 @@ async def test_an_older_releases_event_does_not_overtake_an_earlier_one_on_the_m
 main_line_states = st.dictionaries(
     keys=st.integers(-3, 40),  # arrival numbers; negative: numbered from an older release
     values=st.tuples(
-        st.sampled_from(["d0", "d1", "d2"]), st.sampled_from(["main", "aside", "old"])
+        st.sampled_from(["d0", "d1", "d2"]),
+        st.sampled_from(["main", "aside", "applied aside", "dead", "old"]),
     ),
     max_size=30,
 )
@@ -653,17 +667,24 @@ async def test_the_watcher_s_reads_select_what_the_unapplied_query_selects(
     anything is in reach."""
     db = telemetry.runtime.db
     await db[EVENTS].drop()
+    await db[EVENTS_ASIDE].drop()
     remembered = [main_line.Gap(first, min(first + width, through), NOW)
                   for first, width in gaps if first <= through]  # fmt: skip
     progress = main_line.Progress(through, remembered)
     stored = {"_id": "arrival", "through": through, "gaps": [g.to_document() for g in remembered]}
     await db[PROGRESS].replace_one({"_id": "arrival"}, stored, upsert=True)
     if events:
-        marks = {"main": {}, "aside": {"processed": False}, "old": {"processed": True}}
+        old = {"processed": True}  # an older release's: applied, or adopted aside
         await db[EVENTS].insert_many(
-            [{"_id": f"e{seq}", "seq": seq, "distinctId": device, **marks[state]}
+            [{"_id": f"e{seq}", "seq": seq, "distinctId": device, **(old if state == "old" else {})}
              for seq, (device, state) in events.items()]
         )  # fmt: skip
+        copies = {"aside": {"processed": False}, "applied aside": {"processed": True},
+                  "dead": {"processed": False, "dead": True}}  # fmt: skip
+        aside = [{"_id": f"e{seq}", "seq": seq, "distinctId": device, **copies[state]}
+                 for seq, (device, state) in events.items() if state in copies]  # fmt: skip
+        if aside:
+            await db[EVENTS_ASIDE].insert_many(aside)
 
     in_reach = [
         seq for seq in sorted(events)
@@ -681,7 +702,13 @@ async def test_the_watcher_s_reads_select_what_the_unapplied_query_selects(
         "$and": [main_line.unapplied_query(stored), {"distinctId": {"$in": sorted(devices)}}],
         "seq": {"$lt": below},
     }
+    aside_definition = {
+        **main_line.UNAPPLIED_ASIDE,
+        "distinctId": {"$in": sorted(devices)},
+        "seq": {"$lt": below},
+    }
     expected = {d["_id"] async for d in db[EVENTS].find(definition)}
+    expected |= {d["_id"] async for d in db[EVENTS_ASIDE].find(aside_definition)}
     async with telemetry.runtime.client.start_session() as session:
         found = await main_line.unapplied_on_devices(
             db, sorted(devices), below=below, session=session
@@ -721,9 +748,7 @@ async def test_the_watcher_s_reads_of_events_are_planned_on_indexes(
     # aside and by range; a user's devices. (The aside claim's reads are planned on none, and
     # ride the partial "aside" index in execution: they read the events aside, however few.)
     ranges = [q for c, q in seen.filters if c == EVENTS and set(q) == {"seq"}]
-    by_device = [
-        q for c, q in seen.filters if c == EVENTS and set(q) == {"distinctId", "processed"}
-    ]
+    by_device = [q for c, q in seen.filters if c == EVENTS_ASIDE and set(q) == {"distinctId"}]
     devices = [
         q for c, q in seen.filters if c == USER_METRICS and set(q) <= {"userIds", "ownerUserId"}
     ]
@@ -731,7 +756,6 @@ async def test_the_watcher_s_reads_of_events_are_planned_on_indexes(
     assert by_device, seen.filters
     assert len(devices) == 2, seen.filters
     assert not [q for c, q in seen.filters if c == EVENTS and "$or" in q], seen.filters
-    for collection, query in [(EVENTS, q) for q in ranges + by_device] + [
-        (USER_METRICS, q) for q in devices
-    ]:
+    reads = [(EVENTS, q) for q in ranges] + [(EVENTS_ASIDE, q) for q in by_device]
+    for collection, query in reads + [(USER_METRICS, q) for q in devices]:
         await assert_planned_on_an_index(db, collection, query)

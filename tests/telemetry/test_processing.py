@@ -13,17 +13,17 @@ from shared_contracts import failpoints, mongo
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked
 from telemetry_service.collections import (
     EVENTS,
+    EVENTS_ASIDE,
     IDENTITY_MAP,
     KNOWN_KEYS,
     KNOWN_USERS,
-    UNCLAIMED,
     USERNAME_METRICS,
 )
 from telemetry_service.processing import progress as main_line
 from telemetry_service.processing import watcher as watcher_module
 from telemetry_service.processing.watcher import IngestWatcher, StoredEvent
 from telemetry_service.projection.verify import find_drift, verify
-from tests.support import expire_watcher_leases, unapplied_events
+from tests.support import expire_watcher_leases, put_aside, unapplied_events
 from tests.telemetry.conftest import Telemetry, cli_event
 
 
@@ -91,7 +91,7 @@ async def test_a_worker_that_lost_its_claim_on_events_aside_cannot_commit(
     _, key = await telemetry.register("lily")
     await telemetry.post({"events": [cli_event("l2") for _ in range(4)]}, key)
     db = telemetry.runtime.db
-    await mongo.update_many(db[EVENTS], {}, {"$set": {"processed": False, "leaseUntil": UNCLAIMED}})
+    await put_aside(db, {})
     slow = IngestWatcher(telemetry.runtime)
     token, documents = await slow.claim_batch()
     await expire_watcher_leases(db)
@@ -161,8 +161,9 @@ async def test_verify_lists_set_aside_and_unattributed_events_and_dead_messages(
     runtime = telemetry.runtime
     report = await verify(runtime.db, runtime.bus)
     assert report.clean
+    await runtime.db[EVENTS_ASIDE].insert_one({"_id": "e1", "dead": True, "processed": False})
     await runtime.db[EVENTS].insert_many(
-        [{"_id": "e1", "dead": True}, {"_id": "e2", "unattributed": "revoked"}]
+        [{"_id": "e2", "unattributed": "revoked"}, {"_id": "e3", "processed": False}]
     )
     await runtime.commands.publish(ApiKeyRevoked(keyHash="cd" * 32))
     await mongo.update_many(runtime.commands.collection, {}, {"$set": {"status": "dead"}})
@@ -172,6 +173,7 @@ async def test_verify_lists_set_aside_and_unattributed_events_and_dead_messages(
         "clean": False,
         "drift": [],
         "setAsideEvents": 1,
+        "notAdoptedEvents": 1,
         "unattributedEvents": {"revoked": 1},
         "deadMessages": {"telemetry_commands": 1, "swamp_club_events": 0},
     }
@@ -193,15 +195,13 @@ async def test_a_revoke_that_overtakes_its_issue_keeps_the_key_revoked(
 async def test_events_that_keep_failing_are_set_aside_not_lost(telemetry: Telemetry) -> None:
     _, key = await telemetry.register("pete")
     await telemetry.post({"events": [cli_event("p1"), cli_event("p1")]}, key)
-    events = telemetry.runtime.db[EVENTS]
-    poison = (await events.find_one({}))["_id"]
+    db = telemetry.runtime.db
+    poison = (await db[EVENTS].find_one({}))["_id"]
     limit = telemetry.runtime.settings.queue_max_attempts
     # Aside, claimed `limit` times already (its workers kept dying).
-    await events.update_one(
-        {"_id": poison}, {"$set": {"processed": False, "leaseUntil": UNCLAIMED, "attempts": limit}}
-    )
+    await put_aside(db, {"_id": poison}, attempts=limit)
     await telemetry.drain()
-    kept = await events.find_one({"_id": poison})
+    kept = await db[EVENTS_ASIDE].find_one({"_id": poison})
     assert (kept["processed"], kept["dead"]) == (False, True)  # kept for an operator, not counted
     assert (await telemetry.stats("pete"))["totalInvocations"] == 1
     assert await telemetry.watcher.process_one_batch() == 0  # never claimed again

@@ -22,7 +22,7 @@ from pymongo.errors import ExecutionTimeout
 from shared_contracts import failpoints, mongo
 from shared_contracts.keys import api_key_hash as key_hash
 from shared_contracts.messages import ApiKeyIssued, ApiKeyRevoked, UserRegistered
-from telemetry_service.collections import EVENTS, UNCLAIMED, USER_METRICS
+from telemetry_service.collections import EVENTS, EVENTS_ASIDE, UNCLAIMED, USER_METRICS
 from telemetry_service.consumers.commands import command_consumer
 from telemetry_service.ingest import arrival
 from telemetry_service.processing import watcher as watcher_module
@@ -220,6 +220,7 @@ async def test_poison_anywhere_in_a_big_batch_leaves_every_other_event_applied_i
     poison waits, each with its reason and a backoff."""
     db = telemetry.runtime.db
     await mongo.delete_many(db[EVENTS], {})
+    await mongo.delete_many(db[EVENTS_ASIDE], {})
     await mongo.delete_many(db[USER_METRICS], {})
     bad = data.draw(st.sets(st.integers(0, size - 1), min_size=1), label="poison positions")
     poison = Poison(monkeypatch)
@@ -228,7 +229,7 @@ async def test_poison_anywhere_in_a_big_batch_leaves_every_other_event_applied_i
     assert (await telemetry.post({"events": events})).status_code == 202
     assert await telemetry.watcher.process_one_batch() == size
     assert await counted(telemetry) == size - len(bad)
-    left = await db[EVENTS].find({"processed": False}).to_list()
+    left = await db[EVENTS_ASIDE].find({"processed": False}).to_list()
     assert {e["_id"] for e in left} == poison.always
     assert all(e["lastError"].startswith("ValueError: poison") for e in left)
     assert all("claimToken" not in e and e["attempts"] == 1 for e in left)
@@ -250,6 +251,7 @@ async def test_two_replicas_over_a_mixed_backlog_with_poison_count_each_event_on
 ) -> None:
     db = telemetry.runtime.db
     await mongo.delete_many(db[EVENTS], {})
+    await mongo.delete_many(db[EVENTS_ASIDE], {})
     await mongo.delete_many(db[USER_METRICS], {})
     _, key = await telemetry.register(f"mix-{uuid.uuid4().hex[:8]}")
     poison = Poison(monkeypatch)
@@ -285,8 +287,8 @@ async def test_two_replicas_over_a_mixed_backlog_with_poison_count_each_event_on
 
     processed = await applied_events(db)
     assert await counted(telemetry) == processed  # I2
-    assert await db[EVENTS].count_documents({"processed": True, "dead": True}) == 0
-    dead = {e["_id"] for e in await db[EVENTS].find({"dead": True}).to_list()}
+    assert await db[EVENTS_ASIDE].count_documents({"processed": True, "dead": True}) == 0
+    dead = {e["_id"] for e in await db[EVENTS_ASIDE].find({"dead": True}).to_list()}
     assert dead == poison.always
     assert processed == len(layout) - len(poison.always)
 
@@ -320,7 +322,8 @@ async def test_a_crash_in_the_middle_of_a_split_counts_every_event_once(
         await IngestWatcher(telemetry.runtime).drain()
     assert (await telemetry.stats("crashy"))["totalInvocations"] == 10
     assert await counted(telemetry) == await applied_events(db) == 10
-    assert {e["_id"] for e in await db[EVENTS].find({"dead": True}).to_list()} == poison.always
+    dead = {e["_id"] for e in await db[EVENTS_ASIDE].find({"dead": True}).to_list()}
+    assert dead == poison.always
 
 
 async def test_a_lease_lost_in_the_middle_of_a_split_counts_every_event_once(
@@ -345,7 +348,7 @@ async def test_a_lease_lost_in_the_middle_of_a_split_counts_every_event_once(
         await real_renew(self, token)
         if self is not rival and renewals == 5:  # whole, [0:4], [0:2], [0:1], [1:2] -> [2:4]
             await mongo.update_many(
-                db[EVENTS], {"claimToken": token}, {"$set": {"leaseUntil": UNCLAIMED}}
+                db[EVENTS_ASIDE], {"claimToken": token}, {"$set": {"leaseUntil": UNCLAIMED}}
             )
             await rival.process_one_batch()
 
@@ -576,6 +579,6 @@ async def test_an_event_that_keeps_killing_its_batch_does_not_take_the_batch_wit
             await telemetry.watcher.process_one_batch()
         await expire_backoffs(telemetry)
     db = telemetry.runtime.db
-    dead = {e["_id"] for e in await db[EVENTS].find({"dead": True}).to_list()}
+    dead = {e["_id"] for e in await db[EVENTS_ASIDE].find({"dead": True}).to_list()}
     assert dead <= {killer}, f"{len(dead - {killer})} innocent events set aside"
     assert await applied_events(db) == 9
