@@ -69,12 +69,14 @@ async def update_by_ids(
     *,
     only: dict[str, Any] | None = None,
     session: AsyncClientSession,
-) -> None:
+) -> int:
     """One update_many per bounded $in chunk of ids (see MAX_IN_IDS), in the caller's
-    transaction; ``only``: extra filter."""
+    transaction; ``only``: extra filter. Returns how many were modified."""
+    modified = 0
     for start in range(0, len(ids), MAX_IN_IDS):
         chunk = {"_id": {"$in": ids[start : start + MAX_IN_IDS]}, **(only or {})}
-        await collection.update_many(chunk, update, session=session)
+        modified += (await collection.update_many(chunk, update, session=session)).modified_count
+    return modified
 
 
 def event_indexes() -> list[IndexModel]:

@@ -49,18 +49,22 @@ async def record_holes(db: Database, numbers: list[int]) -> None:
 
 async def number_unsequenced(db: Database, *, session: AsyncClientSession | None = None) -> int:
     """Events stored by a release without the sequence, not yet applied: numbered before every
-    new one (negative), in the order they were received. Idempotent: numbers only events that
-    have none, so replicas doing it at once do no harm."""
+    other one (negative, below any numbered so already), in the order they were received.
+    Idempotent: numbers only events that have none, so replicas doing it at once do no harm."""
     old = await db[EVENTS].find(
         {"processed": False, "seq": {"$exists": False}}, {"receivedAt": 1},
         sort=[("receivedAt", 1), ("_id", 1)], session=session,
     ).to_list()  # fmt: skip
     if old:
+        lowest = await db[EVENTS].find_one(
+            {"seq": {"$exists": True}}, {"seq": 1}, sort=[("seq", 1)], session=session
+        )
+        below = min(int(lowest["seq"]), 0) if lowest else 0
         await db[EVENTS].bulk_write(
             [
                 UpdateOne(
                     {"_id": event["_id"], "seq": {"$exists": False}},
-                    {"$set": {"seq": position - len(old)}},
+                    {"$set": {"seq": below - len(old) + position}},
                 )
                 for position, event in enumerate(old)
             ],

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 #: The claim state of an event aside; everything else is the stored event as ingest wrote it.
 CLAIM_STATE: Final = frozenset(
     {"processed", "processedAt", "leaseUntil", "attempts", "claimToken", "dead", "lastError",
-     "setAsideAt", "retriedAt", "adoptedAt"}
+     "lastClaimError", "setAsideAt", "retriedAt", "adoptedAt"}
 )  # fmt: skip
 #: Older releases' indexes on ``events`` that served their events aside (and, older still, a
 #: claim over every event in the client's random event-id order); dropped once adopted.

@@ -30,6 +30,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -325,14 +326,17 @@ class IngestWatcher:
             died = min(read.attempts - 1, SPLIT_AFTER_ATTEMPTS)  # never past the aside's own
             await self._move_aside(read, step.to, mine, attempts=died)
             return 0  # the aside claim, due at once, applies them
-        batch = await self._readable(mine, token=None)
-        finish = self._advance(read, step.to)
+        batch, unreadable = split_readable(mine)
+        finish = self._advance(read, step.to, dead=unreadable)
 
         async def renew() -> None:
             await main_line.renew(db, owner=self.worker, seconds=lease)
 
         try:
             await self._apply(batch, finish=finish, renew=renew)
+            for document, reason in unreadable:
+                counters.EVENTS_DEAD.inc()
+                log.error("event %s set aside: %s", document["_id"], reason)
         except LeaseLost:
             counters.BATCHES.labels("lease_lost").inc()
             log.warning("main line batch at %d: another worker moved the mark", read.through)
@@ -373,8 +377,24 @@ class IngestWatcher:
                 verdicts[first, last] = "old"
         return verdicts
 
-    def _advance(self, read: main_line.Progress, to: main_line.Progress) -> Finish:
+    def _advance(
+        self,
+        read: main_line.Progress,
+        to: main_line.Progress,
+        *,
+        dead: Sequence[tuple[dict[str, Any], str]] = (),
+    ) -> Finish:
+        """The mark moves to ``to``. ``dead``: the batch's events that can never be read back
+        (split_readable), copied aside set aside in the same transaction: a copy exists only
+        once the mark has passed its event, so there is never one to count twice while the
+        batch is tried again, nor one for an operator's purge to race with."""
+
         async def finish(session: AsyncClientSession, ready: list[AttributedEvent]) -> None:
+            for document, reason in dead:
+                state = dead_state(reason)
+                await events_aside.move_aside(
+                    self.runtime.db, [document], state=state, session=session
+                )
             if not await main_line.advance(
                 self.runtime.db, owner=self.worker, read=read, to=to, session=session
             ):
@@ -440,7 +460,9 @@ class IngestWatcher:
         if not documents:
             return 0
         usable = await self._set_aside_exhausted(documents, token)
-        batch = await self._readable(usable, token=token)
+        batch, unreadable = split_readable(usable)
+        for document, reason in unreadable:
+            await self._set_aside(document["_id"], reason, token=token)
         if not batch:
             return len(documents)
         attempts = {d["_id"]: int(d.get("attempts", 0)) for d in usable}
@@ -462,7 +484,7 @@ class IngestWatcher:
         *,
         finish: Finish,
         renew: Any,
-        deferred_attempts: Literal["kept", "given_back"] = "kept",
+        claim: str | None = None,
     ) -> None:
         """Apply ``batch`` in one transaction. The lease is renewed before each retry of it (a
         write conflict), so a batch that takes long in total is not taken over by another
@@ -476,7 +498,7 @@ class IngestWatcher:
             tries += 1
             if tries > 1:
                 await renew()
-            await self.apply_batch(session, batch, finish=finish, deferred=deferred_attempts)
+            await self.apply_batch(session, batch, finish=finish, claim=claim)
 
         await in_transaction(self.runtime.client, apply)
         counters.BATCHES.labels("applied").inc()
@@ -496,9 +518,8 @@ class IngestWatcher:
         try:
             await renew()  # each part of a split batch
             await self._apply(
-                batch, finish=self._mark_processed(token, whole=whole), renew=renew,
-                deferred_attempts="given_back",
-            )  # fmt: skip
+                batch, finish=self._mark_processed(token, whole=whole), renew=renew, claim=token
+            )
         except Exception as exc:
             # A failure that blames no event (a timeout, a crash) is retried as a whole claim;
             # when the same events' claims already died, it may well be one of them after all.
@@ -528,24 +549,6 @@ class IngestWatcher:
                 raise LeaseLost(f"{len(ready) - marked.modified_count} events were taken over")
 
         return finish
-
-    async def _readable(
-        self, documents: list[dict[str, Any]], *, token: str | None
-    ) -> list[StoredEvent]:
-        """Stored events that cannot be read back as CLI events (stored by an older release
-        under older rules) can never be applied: set aside at once, with the reason.
-        ``token``: the claim aside they come from; None: the main line."""
-        readable: list[StoredEvent] = []
-        for document in documents:
-            try:
-                readable.append(StoredEvent.from_document(document))
-            except Exception as exc:  # any reason it cannot be read is this event's alone
-                reason = f"unreadable: {describe(exc)}"
-                if token is None:
-                    await self._copy_aside_dead(document, reason)
-                else:
-                    await self._set_aside(document["_id"], reason, token=token)
-        return readable
 
     async def _failed_alone(
         self, token: str, event: StoredEvent, attempts: int, exc: BaseException
@@ -588,21 +591,6 @@ class IngestWatcher:
         counters.EVENTS_DEAD.inc()
         log.error("event %s set aside: %s", event_id, reason)
 
-    async def _copy_aside_dead(self, document: dict[str, Any], reason: str) -> None:
-        """A main-line event that can never be applied is copied aside, set aside at once (the
-        mark then passes it with its batch). Not in that batch's transaction: the batch may
-        fail for another event. A copy already there, from a try that died, is left as is: it
-        was set aside for the same reason, or an operator has acted on it since."""
-
-        async def copy(session: AsyncClientSession) -> None:
-            await events_aside.move_aside(
-                self.runtime.db, [document], state=dead_state(reason), session=session
-            )
-
-        await in_transaction(self.runtime.client, copy)
-        counters.EVENTS_DEAD.inc()
-        log.error("event %s set aside: %s", document["_id"], reason)
-
     async def _renew_lease(self, token: str) -> None:
         """Renew the batch's lease before each transaction attempt (a retry after a write
         conflict, each part of a split batch), so a batch that takes long in total is not taken
@@ -633,7 +621,7 @@ class IngestWatcher:
             await mongo.update_many(
                 self.aside,
                 {"claimToken": token, "processed": False},
-                {"$set": {"lastError": describe(exc)}},
+                {"$set": {"lastClaimError": describe(exc)}},
             )
         except PyMongoError:
             log.exception("could not record the batch error")
@@ -644,10 +632,10 @@ class IngestWatcher:
         batch: list[StoredEvent],
         *,
         finish: Finish,
-        deferred: Literal["kept", "given_back"],
+        claim: str | None,
     ) -> None:
-        """Steps 1-5 of the module docstring. ``deferred``: whether the events that must wait
-        give back the attempt their claim counted (aside) or have none to give (main line)."""
+        """Steps 1-5 of the module docstring. ``claim``: the token of the claim aside the batch
+        is (None: the main line's batch)."""
         db = self.runtime.db
         keys = await known_keys(db, {e.key_hash for e in batch if e.key_hash}, session=session)
         split = attribute(
@@ -664,9 +652,7 @@ class IngestWatcher:
         held = behind_a_waiting_key(split, owners)
         held |= await self._behind_earlier_keyed_events(split.ready, owners, batch, session)
         ready = [e for e in split.ready if e.id not in held]
-        await self._defer(
-            split.waiting + [e for e in batch if e.id in held], session, attempts=deferred
-        )
+        await self._defer(split.waiting + [e for e in batch if e.id in held], session, claim=claim)
         written = await apply_events(db, ready, owners=owners, session=session)
         failpoints.hit(AFTER_METRICS_WRITE)
 
@@ -745,14 +731,16 @@ class IngestWatcher:
         waiting: list[StoredEvent],
         session: AsyncClientSession,
         *,
-        attempts: Literal["kept", "given_back"],
+        claim: str | None,
     ) -> None:
         """Events whose key is not known yet (and those behind them) go aside, unclaimed, to be
-        looked at again shortly. Waiting is not failing: a claim's attempt is given back."""
+        looked at again shortly. Waiting is not failing: a claim's attempt is given back. Aside,
+        filtered on the claim: a worker that lost it must not give back, nor unclaim, what its
+        rival holds now (a batch of waiting events alone has nothing else to fail on)."""
         if not waiting:
             return
         retry_at = datetime.now(UTC) + timedelta(seconds=self.settings.key_resolve_retry_seconds)
-        if attempts == "kept":  # from the main line: copied aside, no claim counted one
+        if claim is None:  # from the main line: copied aside, no claim counted an attempt
             state = {"leaseUntil": retry_at, "attempts": 0}
             documents = [e.document for e in waiting]
             await events_aside.move_aside(self.runtime.db, documents, state=state, session=session)
@@ -762,7 +750,12 @@ class IngestWatcher:
             "$unset": {"claimToken": ""},
             "$inc": {"attempts": -1},
         }
-        await update_by_ids(self.aside, [e.id for e in waiting], update, session=session)
+        ids = [e.id for e in waiting]
+        deferred = await update_by_ids(
+            self.aside, ids, update, only={"claimToken": claim}, session=session
+        )
+        if deferred != len(ids):
+            raise LeaseLost(f"{len(ids) - deferred} waiting events were taken over")
 
     async def _record_unattributed(
         self, unattributed: dict[str, str], session: AsyncClientSession
@@ -794,6 +787,22 @@ def retry_splits(exc: BaseException) -> bool:
     """On a claim that died before, everything but a lost lease, a cancellation or the
     database being unreachable is split to find the events at fault."""
     return not isinstance(exc, LeaseLost | asyncio.CancelledError | ConnectionFailure)
+
+
+def split_readable(
+    documents: list[dict[str, Any]],
+) -> tuple[list[StoredEvent], list[tuple[dict[str, Any], str]]]:
+    """Stored events, and those that cannot be read back as CLI events (stored by an older
+    release under older rules) with why: they can never be applied, and are set aside at once.
+    Any reason one cannot be read is that event's alone."""
+    readable: list[StoredEvent] = []
+    unreadable: list[tuple[dict[str, Any], str]] = []
+    for document in documents:
+        try:
+            readable.append(StoredEvent.from_document(document))
+        except Exception as exc:
+            unreadable.append((document, f"unreadable: {describe(exc)}"))
+    return readable, unreadable
 
 
 def dead_state(reason: str) -> dict[str, Any]:

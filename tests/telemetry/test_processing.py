@@ -80,7 +80,7 @@ async def test_a_worker_that_lost_its_lease_cannot_commit(telemetry: Telemetry) 
     with pytest.raises(watcher_module.LeaseLost):
         async with telemetry.runtime.client.start_session() as session:
             await session.with_transaction(
-                lambda s: slow.apply_batch(s, batch, finish=finish, deferred="kept")
+                lambda s: slow.apply_batch(s, batch, finish=finish, claim=None)
             )
     assert (await telemetry.stats("liam"))["totalInvocations"] == 4
 
@@ -101,7 +101,7 @@ async def test_a_worker_that_lost_its_claim_on_events_aside_cannot_commit(
     with pytest.raises(watcher_module.LeaseLost):
         async with telemetry.runtime.client.start_session() as session:
             await session.with_transaction(
-                lambda s: slow.apply_batch(s, batch, finish=finish, deferred="given_back")
+                lambda s: slow.apply_batch(s, batch, finish=finish, claim=token)
             )
     assert (await telemetry.stats("lily"))["totalInvocations"] == 4
 
