@@ -78,8 +78,9 @@ async def move_aside(
 ) -> None:
     """Copy stored events aside with ``state`` (``processed`` is set false here), in the
     caller's transaction. Inserts, never upserts: an event may hold field names starting with
-    ``$`` (the CLI's ``$repo_id``), which an insert stores as sent and an update refuses. An
-    event already aside (a batch retried after its worker died) keeps the copy it has."""
+    ``$`` (the CLI's ``$repo_id``), which an insert stores as sent and an update refuses. A copy
+    already there keeps its state: that happens only in a transaction about to lose its lease
+    (a copy is written where the mark passes its event, and a rival got there first)."""
     wanted = {d["_id"]: d for d in documents}
     if not wanted:
         return
