@@ -11,6 +11,16 @@ in the stream, behind its resume point: the first read of the next wait returns 
 look that may find nothing), so a change made after the worker last looked is never missed. (On
 mongod a stream left unread for longer than the oplog's window cannot resume: it fails, the
 worker polls once, and a new stream opens, as after any stream error.)
+
+A read that brings nothing is not followed by another for ``read_interval_seconds`` from its
+start. The embedded server answers a waiting stream's read at every write to any collection of
+any database, with nothing when the write is not one the stream matches: an idle worker (the
+command consumer, a queue with no work) read its stream once per write of the whole pipeline,
+and each read reads the oplog. With the interval, an idle stream costs at most one read per
+interval however busy the server is; what changed during the pause is still behind the stream's
+resume point, so a wake-up comes at most that much later, and only while other writes keep the
+server busy. A read that waited its full time (mongod, or an idle embedded server) is followed
+at once.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import contextlib
 import logging
 from typing import Any
 
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
@@ -34,11 +45,13 @@ class Wakeup:
         *,
         poll_interval_seconds: float,
         use_change_streams: bool = True,
+        read_interval_seconds: float = 0.0,
     ) -> None:
         self.collection = collection
         self.pipeline = pipeline
         self.poll_interval_seconds = poll_interval_seconds
         self.use_change_streams = use_change_streams
+        self.read_interval_seconds = read_interval_seconds
         self.active = False
         self._event = asyncio.Event()
         #: Set while a worker waits in ``wait(stream=True)``: only then is the stream read.
@@ -75,13 +88,26 @@ class Wakeup:
                 async with await self.collection.watch(self.pipeline) as stream:
                     self.active = True
                     self._event.set()  # anything that arrived before the stream opened
-                    while stream.alive:
-                        await self._wanted.wait()
-                        if await stream.try_next() is not None:
-                            self._event.set()
+                    await self._read_while_wanted(stream)
             except PyMongoError as exc:
                 log.warning(
                     "%s: change stream unavailable, polling (%s)", self.collection.name, exc
                 )
             self.active = False
             await asyncio.sleep(self.poll_interval_seconds)
+
+    async def _read_while_wanted(self, stream: AsyncChangeStream[dict[str, Any]]) -> None:
+        """Read while a worker waits; after a read that brought nothing, not again until
+        ``read_interval_seconds`` after it began (the module docstring says why)."""
+        loop = asyncio.get_running_loop()
+        next_read = loop.time()
+        while stream.alive:
+            await self._wanted.wait()
+            if (pause := next_read - loop.time()) > 0:
+                await asyncio.sleep(pause)
+            started = loop.time()
+            if await stream.try_next() is not None:
+                self._event.set()
+                next_read = started
+            else:
+                next_read = started + self.read_interval_seconds

@@ -256,3 +256,26 @@ async def test_a_partial_or_sparse_index_keeps_keys_only_for_the_documents_it_co
     validated = await mongo_client[db_names.telemetry].command("validate", "partial_keys")
     assert validated["keysPerIndex"]["partial"] == 1
     assert validated["keysPerIndex"]["sparse"] == 0
+
+
+@pytest.mark.skipif(
+    EMBEDDED,
+    reason="SecantusDB answers a change stream's waiting getMore at any write, also to a "
+    "collection the stream does not watch, with an empty batch (measured: about 150 getMores "
+    "for 200 inserts into another collection), where mongod keeps waiting for maxAwaitTimeMS. "
+    "An idle worker read its stream once per write of the whole pipeline; Wakeup now rests "
+    "CHANGE_STREAM_READ_INTERVAL_SECONDS after a read that brought nothing "
+    "(tests/test_wakeup.py).",
+)
+async def test_a_waiting_change_stream_read_is_not_answered_by_other_collections_writes(
+    mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames
+) -> None:
+    database = mongo_client[db_names.bus]
+    await database["watched"].insert_one({"n": 0})
+    async with await database["watched"].watch(max_await_time_ms=3000) as stream:
+        read = asyncio.create_task(stream.try_next())
+        await asyncio.sleep(0.3)  # the read is waiting on the server
+        await database["elsewhere"].insert_one({"n": 1})
+        await asyncio.sleep(0.5)
+        assert not read.done(), "a write elsewhere answered the waiting read"
+        assert await read is None

@@ -1,5 +1,6 @@
 """The wake-up stream is read only while a worker waits: a busy worker sends no getMore, and
-what changed meanwhile wakes its next wait at once."""
+what changed meanwhile wakes its next wait at once. A waiting worker's stream is read at most
+once per read interval while the server is busy with writes the stream does not match."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from tests.support import DbNames, SeenCommands, eventually
 
 
 @contextlib.asynccontextmanager
-async def watching(mongo_uri: str, db_names: DbNames) -> AsyncIterator[tuple[Wakeup, SeenCommands]]:
+async def watching(
+    mongo_uri: str, db_names: DbNames, *, read_interval: float = 0.0
+) -> AsyncIterator[tuple[Wakeup, SeenCommands]]:
     get_mores = SeenCommands()
     client: AsyncMongoClient[dict[str, Any]] = make_client(
         mongo_uri, app_name="wakeup-test", event_listeners=[get_mores]
@@ -26,6 +29,7 @@ async def watching(mongo_uri: str, db_names: DbNames) -> AsyncIterator[tuple[Wak
         client[db_names.telemetry]["things"],
         [{"$match": {"operationType": "insert"}}],
         poll_interval_seconds=30,
+        read_interval_seconds=read_interval,
     )
     task = asyncio.create_task(wakeup.watch_forever())
     try:
@@ -80,3 +84,26 @@ async def test_a_wait_without_the_stream_reads_nothing_and_ends_by_set_or_time(
             wakeup.set()  # stop() and the like still end it
         assert await asyncio.wait_for(waiting, timeout=20) is woken
         assert get_mores.count("getMore") == 0
+
+
+async def test_a_waiting_stream_reads_once_per_interval_while_other_writes_go_on(
+    mongo_client: AsyncMongoClient[dict[str, Any]], mongo_uri: str, db_names: DbNames
+) -> None:
+    """The embedded server answers a waiting stream's read at every write, also to another
+    collection (tests/test_embedded_gaps.py shows it alone): without the interval the command
+    consumer, idle, read its stream once per write of the whole pipeline."""
+    database = mongo_client[db_names.telemetry]
+    interval = 0.5
+    async with watching(mongo_uri, db_names, read_interval=interval) as (wakeup, get_mores):
+        waiting = asyncio.create_task(wakeup.wait(60))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for n in range(60):  # writes the stream does not match, for about 1.2 s
+            await database["others"].insert_one({"n": n})
+            await asyncio.sleep(0.02)
+        elapsed = loop.time() - started
+        assert not waiting.done()
+        # The first read, then one per interval begun in the time the writes took.
+        assert get_mores.count("getMore") <= 2 + elapsed / interval
+        await database["things"].insert_one({"n": 1})
+        assert await asyncio.wait_for(waiting, timeout=20)

@@ -12,6 +12,8 @@ class QueueConfig:
     poll_interval_seconds: float = 1.0
     concurrency: int = 4
     use_change_streams: bool = True
+    #: After a change-stream read that brought nothing, the pause before the next (wakeup.py).
+    stream_read_interval_seconds: float = 0.0
     done_retention_seconds: int = 7 * 24 * 3600
     #: How often the reaper looks for expired leases; defaults to half a lease.
     reap_interval_seconds: float | None = None

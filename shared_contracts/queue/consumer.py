@@ -117,6 +117,7 @@ class Consumer:
             WAKE_PIPELINE,
             poll_interval_seconds=self.config.poll_interval_seconds,
             use_change_streams=self.config.use_change_streams,
+            read_interval_seconds=self.config.stream_read_interval_seconds,
         )
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
