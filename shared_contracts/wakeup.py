@@ -105,6 +105,7 @@ class Wakeup:
             await self._wanted.wait()
             if (pause := next_read - loop.time()) > 0:
                 await asyncio.sleep(pause)
+                continue  # the worker may have stopped waiting meanwhile: read only if it waits
             started = loop.time()
             if await stream.try_next() is not None:
                 self._event.set()

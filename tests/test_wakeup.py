@@ -107,3 +107,21 @@ async def test_a_waiting_stream_reads_once_per_interval_while_other_writes_go_on
         assert get_mores.count("getMore") <= 2 + elapsed / interval
         await database["things"].insert_one({"n": 1})
         assert await asyncio.wait_for(waiting, timeout=20)
+
+
+async def test_a_pause_that_ends_with_nobody_waiting_reads_nothing(
+    mongo_client: AsyncMongoClient[dict[str, Any]], mongo_uri: str, db_names: DbNames
+) -> None:
+    """A helper's attack: the pause ended with a read even when the worker had stopped waiting
+    in it (busy again, or a replica waiting without the stream)."""
+    others = mongo_client[db_names.telemetry]["others"]
+    interval = 0.5
+    async with watching(mongo_uri, db_names, read_interval=interval) as (wakeup, get_mores):
+        for n in range(3):
+            waiting = asyncio.create_task(wakeup.wait(0.1))
+            await asyncio.sleep(0.03)
+            await others.insert_one({"n": n})  # answers the read, empty: a pause begins
+            assert not await waiting  # the worker stops waiting (busy) inside the pause
+            before = get_mores.count("getMore")
+            await asyncio.sleep(interval + 0.3)
+            assert get_mores.count("getMore") == before, "a getMore while nobody waits"
