@@ -60,15 +60,6 @@ class BusSettings(BaseSettings):
         default=7 * 24 * 3600, alias="QUEUE_DONE_RETENTION_SECONDS", ge=60
     )
     queue_change_streams: bool = Field(default=True, alias="QUEUE_CHANGE_STREAMS")
-    change_stream_read_interval_seconds: float = Field(
-        default=0.05,
-        alias="CHANGE_STREAM_READ_INTERVAL_SECONDS",
-        ge=0,
-        le=1,
-        description="After a read of a waiting worker's change stream that brought nothing, "
-        "how long from its start before the next: bounds what an idle worker's stream costs a "
-        "busy server, and adds at most this to a wake-up while it is busy. 0 turns it off.",
-    )
     admin_token: SecretStr | None = Field(
         default=None,
         alias="ADMIN_TOKEN",
@@ -102,7 +93,6 @@ class BusSettings(BaseSettings):
             "poll_interval_seconds": self.queue_poll_interval_seconds,
             "concurrency": self.queue_concurrency,
             "use_change_streams": self.queue_change_streams,
-            "stream_read_interval_seconds": self.change_stream_read_interval_seconds,
             "done_retention_seconds": self.queue_done_retention_seconds,
         }
         values.update(overrides)

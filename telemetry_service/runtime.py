@@ -30,7 +30,8 @@ class TelemetryRuntime:
         config = self.settings.queue_config()
         object.__setattr__(self, "refreshes", Queue(bus[SWAMP_CLUB_EVENTS], config=config))
         commands_config = self.settings.queue_config(
-            poll_interval_seconds=self.settings.command_poll_interval_seconds
+            poll_interval_seconds=self.settings.command_poll_interval_seconds,
+            stream_read_interval_seconds=self.settings.command_stream_read_interval_seconds,
         )
         object.__setattr__(self, "commands", Queue(bus[TELEMETRY_COMMANDS], config=commands_config))
         budget = self.settings.request_db_timeout_seconds

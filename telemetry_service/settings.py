@@ -81,6 +81,17 @@ class TelemetrySettings(BusSettings):
     command_poll_interval_seconds: float = Field(
         default=30.0, alias="COMMAND_POLL_INTERVAL_SECONDS", gt=0
     )
+    # The command consumer waits nearly always: its stream is what an idle worker's costs most.
+    command_stream_read_interval_seconds: float = Field(
+        default=0.1,
+        alias="COMMAND_STREAM_READ_INTERVAL_SECONDS",
+        ge=0,
+        le=1,
+        description="After a read of the command consumer's change stream that brought "
+        "nothing, how long from its start before the next (shared_contracts/wakeup.py): bounds "
+        "what the idle consumer costs a busy server, and adds at most this to a command's "
+        "wake-up while other writes keep it busy. 0 turns it off.",
+    )
     backfill_batch_size: int = Field(default=500, alias="BACKFILL_BATCH_SIZE", ge=1, le=10_000)
     backfill_lease_seconds: float = Field(default=60.0, alias="BACKFILL_LEASE_SECONDS", gt=0)
     backfill_progress_seconds: float = Field(default=5.0, alias="BACKFILL_PROGRESS_SECONDS", gt=0)

@@ -263,9 +263,9 @@ async def test_a_partial_or_sparse_index_keeps_keys_only_for_the_documents_it_co
     reason="SecantusDB answers a change stream's waiting getMore at any write, also to a "
     "collection the stream does not watch, with an empty batch (measured: about 150 getMores "
     "for 200 inserts into another collection), where mongod keeps waiting for maxAwaitTimeMS. "
-    "An idle worker read its stream once per write of the whole pipeline; Wakeup now rests "
-    "CHANGE_STREAM_READ_INTERVAL_SECONDS after a read that brought nothing "
-    "(tests/test_wakeup.py).",
+    "An idle worker read its stream once per write of the whole pipeline; the command "
+    "consumer's Wakeup now rests COMMAND_STREAM_READ_INTERVAL_SECONDS after a read that "
+    "brought nothing (tests/test_wakeup.py).",
 )
 async def test_a_waiting_change_stream_read_is_not_answered_by_other_collections_writes(
     mongo_client: AsyncMongoClient[dict[str, Any]], db_names: DbNames

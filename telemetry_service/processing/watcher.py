@@ -193,7 +193,6 @@ class IngestWatcher:
             [{"$match": {"operationType": "insert"}}],
             poll_interval_seconds=self.settings.ingest_poll_interval_seconds,
             use_change_streams=self.settings.queue_change_streams,
-            read_interval_seconds=self.settings.change_stream_read_interval_seconds,
         )
         self._stopping = asyncio.Event()
         #: Holes in the arrival sequence (by first number) -> when this worker first saw them.
