@@ -25,7 +25,7 @@ at once.
 Only the telemetry command consumer rests (COMMAND_STREAM_READ_INTERVAL_SECONDS): it waits
 nearly always, and a command may wait a tenth of a second. On the event path (the watcher, the
 app's refresh consumer) a 0.05 s rest cut the reads by 40-65% and cost lag more than they cost
-the server: at 80% of capacity p99 1.201 -> 1.465 s (README, "Throughput").
+the server: at 80% of capacity p99 1.201 -> 1.465 s (README, "Benchmarks").
 """
 
 from __future__ import annotations
