@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from bench.common import (
+    BASELINE_REPETITIONS,
     Results,
     ServerProfile,
+    Stopwatch,
     Storage,
     counted_client,
     database_uri,
     observer_client,
     scratch_databases,
+    spread,
     storage_label,
     telemetry_settings,
 )
@@ -51,18 +55,43 @@ def bucket(n: int) -> dict[str, Any]:
     }
 
 
+def population(first: int, stop: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Users ``first`` to ``stop - 1``: their identity entries and their devices."""
+    entries, devices = [], []
+    for i in range(first, stop):
+        uid, ids = f"u{i}", [f"d{i}-{k}" for k in range(DEVICES_PER_USER)]
+        entries.append({"_id": uid, "username": f"user-{i:07d}", "distinctIds": ids})
+        devices += [
+            {"_id": d, "ownerUserId": uid, "anon": bucket(k + 1), "users": {uid: bucket(2)}}
+            for k, d in enumerate(ids)
+        ]
+    return entries, devices
+
+
 async def seed(db: Any, usernames: int) -> None:
     for start in range(0, usernames, 2000):
-        entries, devices = [], []
-        for i in range(start, min(start + 2000, usernames)):
-            uid, ids = f"u{i}", [f"d{i}-{k}" for k in range(DEVICES_PER_USER)]
-            entries.append({"_id": uid, "username": f"user-{i:07d}", "distinctIds": ids})
-            devices += [
-                {"_id": d, "ownerUserId": uid, "anon": bucket(k + 1), "users": {uid: bucket(2)}}
-                for k, d in enumerate(ids)
-            ]
+        entries, devices = population(start, min(start + 2000, usernames))
         await db[IDENTITY_MAP].insert_many(entries, ordered=False)
         await db[USER_METRICS].insert_many(devices, ordered=False)
+
+
+#: The baseline's documents: the devices of 1,000 users, the same whatever the population.
+BASELINE_DEVICES = population(0, 1000)[1]
+
+
+async def device_baseline(db: Any) -> list[float]:
+    """Raw insert_many of BASELINE_DEVICES in one call into a fresh collection, timed
+    BASELINE_REPETITIONS times: docs/s. The same work at every population size, so it moves
+    only with the machine: the server's CPU time for the same seed was 38 s in one run and 58 s
+    in the next here, and a backfill's rate moved with it."""
+    rates = []
+    for _ in range(BASELINE_REPETITIONS):
+        await db["raw_copy"].drop()
+        with Stopwatch() as clock:
+            await db["raw_copy"].insert_many([dict(d) for d in BASELINE_DEVICES], ordered=False)
+        rates.append(len(BASELINE_DEVICES) / clock.seconds)
+    await db["raw_copy"].drop()
+    return rates
 
 
 @dataclass
@@ -72,6 +101,8 @@ class Once:
     work: int  # work commands sent until then
     finished: bool
     server_time: str  # the server's time by command while it ran
+    #: device_baseline's repetitions right before the run and right after it
+    baseline: list[float]
 
 
 async def backfill_once(uri: str, usernames: int, batch: int, cap_seconds: float) -> Once:
@@ -86,6 +117,7 @@ async def backfill_once(uri: str, usernames: int, batch: int, cap_seconds: float
             await ensure_indexes(runtime.db)
             await ensure_queue_indexes(runtime.bus, done_retention_seconds=3600)
             await seed(observer[settings.telemetry_db], usernames)
+            baseline = await device_baseline(observer[settings.telemetry_db])
             job = Backfill(runtime)
             await job.reset()
             marker = observer[settings.telemetry_db][MIGRATIONS]
@@ -108,10 +140,11 @@ async def backfill_once(uri: str, usernames: int, batch: int, cap_seconds: float
                 task.cancel()  # mid-batch: its transaction is aborted with its session
                 await asyncio.gather(task, return_exceptions=True)
             server_time = profile.shares()
+            baseline += await device_baseline(observer[settings.telemetry_db])
     finally:
         await client.close()
         await observer.close()
-    return Once(done, seconds, work, finished, server_time)
+    return Once(done, seconds, work, finished, server_time, baseline)
 
 
 async def run(
@@ -134,6 +167,12 @@ async def run(
                 results.add(f"{label}: usernames done", scope)
                 rate = once.done / once.seconds if once.seconds else 0
                 results.add(f"{label}: rate", rate, "usernames/s")
+                docs = statistics.median(once.baseline)
+                results.add(f"{label}: raw insert_many of {len(BASELINE_DEVICES):,} devices, "
+                            f"one call, {len(once.baseline)} repetitions around the run",
+                            f"{spread(once.baseline)} docs/s")  # fmt: skip
+                results.add(f"{label}: rate per 1,000 docs/s of that insert",
+                            1000 * rate / docs, "usernames/s")  # fmt: skip
                 results.add(f"{label}: work commands per username", once.work / max(once.done, 1))
                 results.add(f"{label}: database server's time by command (sampled)",
                             once.server_time)  # fmt: skip
