@@ -81,9 +81,9 @@ BASELINE_DEVICES = population(0, 1000)[1]
 
 async def device_baseline(db: Any) -> list[float]:
     """Raw insert_many of BASELINE_DEVICES in one call into a fresh collection, timed
-    BASELINE_REPETITIONS times: docs/s. The same work at every population size, so it moves
-    only with the machine: the server's CPU time for the same seed was 38 s in one run and 58 s
-    in the next here, and a backfill's rate moved with it."""
+    BASELINE_REPETITIONS times: docs/s. The same work at every population size: what moves it
+    is the server's speed at the time, not the backfill's work (the server's CPU time for the
+    same 50k seed was 38 s in one run and 58 s in the next here)."""
     rates = []
     for _ in range(BASELINE_REPETITIONS):
         await db["raw_copy"].drop()

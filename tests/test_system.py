@@ -11,8 +11,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from shared_contracts.keys import api_key_hash
 from swamp_app.main import create_app as create_main_app
 from swamp_app.settings import AppSettings
+from telemetry_service.identity.keys import known_keys
 from telemetry_service.main import create_app as create_telemetry_app
 from telemetry_service.projection.verify import find_drift
 from telemetry_service.settings import TelemetrySettings
@@ -141,6 +143,15 @@ async def test_a_deleted_users_key_counts_as_no_key(system: System) -> None:
     await eventually(lambda: device(1, 0), within=30)
     deleted = await system.app.delete("/v1/users/me", headers=headers)
     assert deleted.status_code == 204
+
+    async def revoke_heard() -> bool:
+        found = await known_keys(system.telemetry_runtime.db, [api_key_hash(user["apiKey"])])
+        return any(key.revokedAt is not None for key in found.values())
+
+    # A revoke is not retroactive (I10 resolves a key when its event is applied): an event the
+    # watcher applies before the command consumer has read api_key_revoked still counts for the
+    # user. make test failed so once, when the watcher won that race.
+    await eventually(revoke_heard, within=30)
     response = await system.telemetry.post("/ingest", json=cli_event("d1"), headers=headers)
     assert response.status_code == 202
     await eventually(lambda: device(1, 1), within=30)
