@@ -117,18 +117,25 @@ class Up:
 
 
 def settled(client: MongoClient[dict[str, Any]], names: DbNames) -> bool:
+    """Read in the order work flows: the commands, then the events and the backfill, the score
+    refreshes they publish last. A batch that commits between two reads has published its
+    refresh in its transaction, before the last read: read the other way round, the refreshes
+    counted none, the batch committed, and the probe said settled with one pending."""
     bus, tele = client[names.bus], client[names.telemetry]
-    busy = sum(
-        bus[q].count_documents({"status": {"$in": ["pending", "active"]}})
-        for q in ("swamp_club_events", "telemetry_commands")
-    )
+
+    def busy(queue: str) -> bool:
+        return bus[queue].count_documents({"status": {"$in": ["pending", "active"]}}) > 0
+
+    if busy("telemetry_commands"):
+        return False
     marker = tele.migrations.find_one({"_id": "username_metrics_backfill"}) or {}
-    return (
-        busy == 0
-        and tele.events.count_documents(unapplied_query(tele.ingest_progress.find_one())) == 0
-        and tele.events_aside.count_documents(UNAPPLIED_ASIDE) == 0
-        and marker.get("status") == "done"
-    )
+    if (
+        tele.events.count_documents(unapplied_query(tele.ingest_progress.find_one()))
+        or tele.events_aside.count_documents(UNAPPLIED_ASIDE)
+        or marker.get("status") != "done"
+    ):
+        return False
+    return not busy("swamp_club_events")
 
 
 def assert_invariants(
